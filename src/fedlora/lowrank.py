@@ -1,0 +1,182 @@
+"""Low-rank algebra on factors: never forms a ``d_out x d_in`` matrix unless asked.
+
+Everything works on :class:`~fedlora.types.LowRank` products ``L @ R`` with ``L`` ``(m, k)`` and ``R``
+``(k, n)``, ``k`` small. The key identity is that for ``X = L R`` with ``L = Q1 R1`` and
+``R^T = Q2 R2`` (thin QRs), ``X = Q1 (R1 R2^T) Q2^T``: the SVD, norm and rank of ``X`` are those of the
+small ``k x k`` core ``R1 R2^T``. Cost ``O((m + n) k^2)`` instead of ``O(m n min(m, n))``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .types import LoRAFactors, LowRank
+
+
+def concat(terms: Sequence[LowRank], coeffs: Sequence[float] | None = None) -> LowRank:
+    """``sum_i c_i L_i R_i`` as one product ``[c_1 L_1, ..., c_K L_K] @ [R_1; ...; R_K]``."""
+    if not terms:
+        raise ValueError("concat needs at least one term")
+    m, n = terms[0].shape
+    for t in terms:
+        if t.shape != (m, n):
+            raise ValueError(f"cannot add products of shapes {(m, n)} and {t.shape}")
+    if coeffs is None:
+        lefts = [t.left for t in terms]
+    else:
+        lefts = [t.left * float(c) for t, c in zip(terms, coeffs, strict=True)]
+    return LowRank(torch.cat(lefts, dim=1), torch.cat([t.right for t in terms], dim=0))
+
+
+def subtract(a: LowRank, b: LowRank) -> LowRank:
+    """``a - b`` as one product."""
+    return concat([a, b], [1.0, -1.0])
+
+
+def _core(x: LowRank) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin QRs of both factors: ``x = Q1 @ core @ Q2^T``."""
+    q1, r1 = torch.linalg.qr(x.left)
+    q2, r2 = torch.linalg.qr(x.right.mT)
+    return q1, r1 @ r2.mT, q2
+
+
+def svd(x: LowRank) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD ``x = U diag(S) Vh`` through the small core; ``len(S) <= min(k, m, n)``."""
+    if x.rank == 0:
+        m, n = x.shape
+        return x.left.new_zeros(m, 0), x.left.new_zeros(0), x.right.new_zeros(0, n)
+    q1, core, q2 = _core(x)
+    u, s, vh = torch.linalg.svd(core, full_matrices=False)
+    return q1 @ u, s, vh @ q2.mT
+
+
+def frobenius_norm(x: LowRank) -> float:
+    """``||L R||_F`` without forming ``L R``; accurate even when the terms of ``x`` cancel."""
+    if x.rank == 0:
+        return 0.0
+    _, core, _ = _core(x)
+    return float(torch.linalg.matrix_norm(core.double()))
+
+
+def inner(x: LowRank, y: LowRank) -> Tensor:
+    """``<X, Y>_F = tr((Ly^T Lx)(Rx Ry^T))`` without forming either matrix."""
+    return torch.sum((y.left.mT @ x.left) * (y.right @ x.right.mT))
+
+
+def split_factors(u: Tensor, s: Tensor, vh: Tensor, split: str = "balanced") -> LowRank:
+    """Turn an SVD into two factors: ``balanced`` (U S^1/2, S^1/2 V^T), ``left`` (U S, V^T), ``right``
+    (U, S V^T)."""
+    if split == "balanced":
+        root = s.sqrt()
+        return LowRank(u * root, root[:, None] * vh)
+    if split == "left":
+        return LowRank(u * s, vh)
+    if split == "right":
+        return LowRank(u, s[:, None] * vh)
+    raise ValueError(f"unknown split {split!r}; expected 'balanced', 'left' or 'right'")
+
+
+def truncate(x: LowRank, rank: int, split: str = "balanced") -> tuple[LowRank, LowRank, Tensor]:
+    """Best rank-``rank`` approximation of ``x`` (Eckart-Young) and the exact SVD remainder.
+
+    Returns ``(head, tail, tail_singular_values)``. ``head`` always has inner dimension ``rank`` (padded
+    with zero directions when ``x`` has lower rank), ``head + tail == x`` up to rounding, and
+    ``||tail||_F`` is the root-sum-square of ``tail_singular_values``.
+    """
+    m, n = x.shape
+    u, s, vh = svd(x)
+    keep = min(rank, s.numel())
+    head = split_factors(u[:, :keep], s[:keep], vh[:keep], split)
+    if keep < rank:
+        head = LowRank(
+            torch.cat([head.left, head.left.new_zeros(m, rank - keep)], dim=1),
+            torch.cat([head.right, head.right.new_zeros(rank - keep, n)], dim=0),
+        )
+    tail = LowRank(u[:, keep:] * s[keep:], vh[keep:])
+    return head, tail, s[keep:]
+
+
+def recompress(x: LowRank, rtol: float | None = None) -> LowRank:
+    """Drop directions whose singular value is below ``rtol * s_max`` (default: a few ulps): same
+    matrix, smaller inner dimension."""
+    if x.rank == 0:
+        return x
+    u, s, vh = svd(x)
+    if rtol is None:
+        rtol = 8 * torch.finfo(s.dtype).eps * max(x.shape)
+    keep = int((s > rtol * s.max()).sum()) if s.numel() else 0
+    return LowRank(u[:, :keep] * s[:keep], vh[:keep])
+
+
+def compact(x: LowRank) -> LowRank:
+    """Re-compress when the inner dimension has grown past where the factors cost less than dense."""
+    m, n = x.shape
+    if x.rank * (m + n) > m * n or x.rank > min(m, n):
+        return recompress(x)
+    return x
+
+
+def wire_numel(x: LowRank) -> int:
+    """Numbers needed to ship ``x``: its factors, or the dense matrix when that is smaller."""
+    m, n = x.shape
+    return 0 if x.rank == 0 else min(x.numel(), m * n)
+
+
+def densify(x: LowRank, layout: str = "linear") -> Tensor:
+    """Dense matrix in the frozen weight's storage orientation (``conv1d`` stores ``W^T``)."""
+    dense = x.dense()
+    return dense.mT if layout == "conv1d" else dense
+
+
+@torch.no_grad()
+def fold_into_weight(weight: Tensor, correction: LowRank, layout: str = "linear") -> Tensor:
+    """``W += correction`` in place, in ``weight``'s storage orientation; returns ``weight``.
+
+    ``nn.Linear`` stores ``W`` as ``(d_out, d_in)``, GPT-2's ``Conv1D`` as ``(d_in, d_out)``; a square
+    weight hides a missing transpose, so the orientation comes from ``layout``, never from shapes.
+    """
+    if correction.rank == 0:
+        return weight
+    m, n = correction.shape
+    expected = (n, m) if layout == "conv1d" else (m, n)
+    if tuple(weight.shape) != expected:
+        raise ValueError(f"{layout} weight of shape {tuple(weight.shape)} cannot take a {m}x{n} correction")
+    # Accumulate in float32 at least: the correction is small next to W.
+    work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    update = densify(LowRank(correction.left.to(work), correction.right.to(work)), layout)
+    weight.copy_((weight.to(work) + update).to(weight.dtype))
+    return weight
+
+
+def pad_rank(factors: LoRAFactors, rank: int) -> LoRAFactors:
+    """Zero-pad an adapter to a larger rank; the product is unchanged."""
+    extra = rank - factors.rank
+    if extra < 0:
+        raise ValueError(f"cannot pad rank {factors.rank} down to {rank}")
+    if extra == 0:
+        return factors
+    B = torch.cat([factors.B, factors.B.new_zeros(factors.B.shape[0], extra)], dim=1)
+    A = torch.cat([factors.A, factors.A.new_zeros(extra, factors.A.shape[1])], dim=0)
+    return LoRAFactors(B, A, factors.scale)
+
+
+def factors_from_product(x: LowRank, scale: float, split: str = "balanced") -> LoRAFactors:
+    """Adapter whose update ``scale * B A`` equals ``x``, dividing the scale out where ``split`` says:
+    evenly (``balanced``), into ``B`` (``left``: keeps ``A``'s rows orthonormal) or into ``A`` (``right``)."""
+    if split == "left":
+        return LoRAFactors(x.left / scale, x.right, scale)
+    if split == "right":
+        return LoRAFactors(x.left, x.right / scale, scale)
+    root = scale ** 0.5
+    return LoRAFactors(x.left / root, x.right / root, scale)
+
+
+def proximal_penalty(B: Tensor, A: Tensor, B0: Tensor, A0: Tensor) -> Tensor:
+    """``||B A - B0 A0||_F^2`` in factored form (differentiable), for a client-side proximal term."""
+    bb = (B.mT @ B) * (A @ A.mT)
+    cross = (B0.mT @ B) * (A @ A0.mT)
+    ref = (B0.mT @ B0) * (A0 @ A0.mT)
+    return bb.sum() - 2 * cross.sum() + ref.sum()
