@@ -54,11 +54,20 @@ def svd(x: LowRank) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def frobenius_norm(x: LowRank) -> float:
-    """``||L R||_F`` without forming ``L R``; accurate even when the terms of ``x`` cancel."""
+    """``||L R||_F`` without forming ``L R``; accurate even when the terms of ``x`` cancel.
+
+    One thin QR, of the factor on the shorter outer side and without forming ``Q``: with ``L = Q1 R1``,
+    ``||L R||_F = ||R1 R||_F`` (a ``k x n`` product); else ``R^T = Q2 R2`` and ``||L R||_F = ||L R2^T||_F``.
+    Backward stable like the two-sided core (error ``~ eps ||L|| ||R||``), at about a third of its cost.
+    """
     if x.rank == 0:
         return 0.0
-    _, core, _ = _core(x)
-    return float(torch.linalg.matrix_norm(core.double()))
+    m, n = x.shape
+    if m <= n:
+        reduced = torch.linalg.qr(x.left, mode="r").R @ x.right
+    else:
+        reduced = x.left @ torch.linalg.qr(x.right.mT, mode="r").R.mT
+    return float(torch.linalg.matrix_norm(reduced.double()))
 
 
 def inner(x: LowRank, y: LowRank) -> Tensor:

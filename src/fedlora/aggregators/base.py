@@ -49,8 +49,10 @@ def validate_update(global_state: GlobalState, update: ClientUpdate) -> ClientUp
     if update.weight is not None:
         if not math.isfinite(update.weight) or update.weight < 0:
             raise AggregationInputError(f"weight must be finite and >= 0, got {update.weight}", client_id=cid)
-    elif update.num_examples < 0:
-        raise AggregationInputError(f"num_examples must be >= 0, got {update.num_examples}", client_id=cid)
+    elif not math.isfinite(update.num_examples) or update.num_examples < 0:
+        raise AggregationInputError(
+            f"num_examples must be finite and >= 0, got {update.num_examples}", client_id=cid
+        )
     missing = sorted(set(global_state) - set(update.factors))
     extra = sorted(set(update.factors) - set(global_state))
     if missing or extra:
@@ -64,6 +66,10 @@ def validate_update(global_state: GlobalState, update: ClientUpdate) -> ClientUp
         f = update.factors[name]
         ref = state.factors
         d_out, d_in = ref.shape
+        if not isinstance(f, LoRAFactors) or not isinstance(f.B, Tensor) or not isinstance(f.A, Tensor):
+            raise AggregationInputError(
+                f"expected LoRAFactors with tensor B and A, got {type(f).__name__}", client_id=cid, module=name
+            )
         if f.B.ndim != 2 or f.A.ndim != 2:
             raise AggregationInputError("factors must be 2-D", client_id=cid, module=name)
         if f.B.shape[0] != d_out or f.A.shape[1] != d_in or f.B.shape[1] != f.A.shape[0]:
@@ -103,7 +109,8 @@ def validate_round(global_state: GlobalState, updates: Sequence[ClientUpdate]) -
         seen.add(u.client_id)
     checked = [validate_update(global_state, u) for u in updates]
     if sum(_raw_weight(u) for u in checked) <= 0:
-        raise AggregationInputError("all client weights are zero")
+        ids = ", ".join(repr(u.client_id) for u in checked)
+        raise AggregationInputError(f"all client weights are zero (clients {ids})")
     return checked
 
 
@@ -310,6 +317,18 @@ def padded_mean(rnd: Round, module: str, weights: Sequence[float] | None = None)
         B += (p * f.scale / g.scale) * f.B
         A += p * f.A
     return LoRAFactors(B, A, g.scale)
+
+
+def frozen_a_mean(rnd: Round, module: str) -> LoRAFactors:
+    """FFA's rule: ``B = sum_k p_k (s_k / s) pad(B_k)`` and ``A`` the global (frozen) ``A``.
+
+    Clients of rank ``r_k`` train against the first ``r_k`` rows of the global ``A``, so
+    ``s B A = sum_k p_k s_k B_k A[:r_k]`` exactly. Averaging the zero-padded ``A`` rows instead (as
+    :func:`padded_mean` does) would shrink the rows only large-rank clients hold and break exactness
+    whenever ranks differ.
+    """
+    mean = padded_mean(rnd, module)
+    return LoRAFactors(mean.B, rnd.global_state[module].factors.A.clone(), mean.scale)
 
 
 def exact_residual(rnd: Round, module: str, mean: LoRAFactors) -> LowRank:

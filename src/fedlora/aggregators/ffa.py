@@ -13,7 +13,7 @@ own ``A`` whatever a client sends. A client of rank ``r_k`` trains the first ``r
 
 from __future__ import annotations
 
-from .base import Aggregator, Round, padded_mean, register
+from .base import Aggregator, Round, frozen_a_mean, register
 
 
 @register
@@ -27,4 +27,4 @@ class FFALoRA(Aggregator):
         return False, True
 
     def _combine(self, rnd: Round):
-        return {m: padded_mean(rnd, m) for m in rnd.modules}, {}
+        return {m: frozen_a_mean(rnd, m) for m in rnd.modules}, {}

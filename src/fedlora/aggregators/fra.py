@@ -18,7 +18,7 @@ being silent on it.
 
 from __future__ import annotations
 
-from .base import Aggregator, Round, padded_mean, refactorized, register
+from .base import Aggregator, Round, frozen_a_mean, refactorized, register
 
 
 @register
@@ -43,7 +43,7 @@ class FRALoRA(Aggregator):
 
     def _combine(self, rnd: Round):
         if not self.trains(rnd.round_idx)[0]:  # FFA phase: A is frozen, B averages exactly
-            return {m: padded_mean(rnd, m) for m in rnd.modules}, {}
+            return {m: frozen_a_mean(rnd, m) for m in rnd.modules}, {}
         split = "left" if self.ffa_after is not None and rnd.round_idx == self.ffa_after - 1 else self.split
         factors, corrections = {}, {}
         for m in rnd.modules:

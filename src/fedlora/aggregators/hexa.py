@@ -63,7 +63,10 @@ class HEXA(Aggregator):
         if self.beta == 0:
             return rnd.weights
         delta = self._label_kl(rnd) if self.divergence == "label_kl" else self._cosine_divergence(rnd)
-        raw = [p * math.exp(-self.beta * d) for p, d in zip(rnd.weights, delta)]
+        # Shift by the smallest divergence among weighted clients: same normalised weights, and
+        # exp() cannot underflow to an all-zero total for large beta.
+        low = min((d for p, d in zip(rnd.weights, delta) if p > 0), default=0.0)
+        raw = [p * math.exp(-self.beta * (d - low)) for p, d in zip(rnd.weights, delta)]
         total = sum(raw)
         return [w / total for w in raw]
 
@@ -92,8 +95,9 @@ class HEXA(Aggregator):
             if u.label_histogram is None:
                 raise AggregationInputError("hexa divergence='label_kl' needs a label_histogram", client_id=u.client_id)
             h = torch.as_tensor(u.label_histogram, dtype=torch.float64).flatten()
-            if h.numel() != (hists[0].numel() if hists else h.numel()) or (h < 0).any() or h.sum() <= 0:
-                raise AggregationInputError("label_histogram must be non-negative, non-empty and of one length",
+            if (h.numel() != (hists[0].numel() if hists else h.numel()) or not torch.isfinite(h).all()
+                    or (h < 0).any() or h.sum() <= 0):
+                raise AggregationInputError("label_histogram must be finite, non-negative, non-empty and of one length",
                                             client_id=u.client_id)
             hists.append(h)
         pooled = torch.stack(hists).sum(0)

