@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -27,3 +29,17 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(scope="module")
+def torch_single_thread():
+    """One intra-op thread for modules of tiny-matrix tests.
+
+    On a loaded 2-core machine, OpenMP's spinning workers make each 10x10 QR or matmul take milliseconds
+    instead of microseconds (measured: 100x slower). Restored after the module, so tests that train a model
+    keep every thread.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

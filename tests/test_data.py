@@ -6,6 +6,7 @@ import csv
 import functools
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,8 +29,6 @@ from fedlora.data import (
     load_task,
     primary_score,
 )
-from fedlora.data import loading
-from pathlib import Path
 
 SHARED_DATA = Path(__file__).parents[1].parent / "shared" / "data"
 GLUE = SHARED_DATA / "glue"
@@ -60,7 +59,8 @@ def test_registry_covers_glue_and_agnews():
     assert get_task("STS-B").num_labels == 1 and get_task("stsb").metric == "pearson_spearman"
     assert get_task("cola").metric == "matthews_corrcoef"
     assert get_task("mrpc").metric == get_task("qqp").metric == "f1"
-    assert get_task("mnli").label_map["contradiction"] == 2 and get_task("rte").label_map["not_entailment"] == 1
+    assert get_task("mnli").label_map["contradiction"] == 2
+    assert get_task("rte").label_map["not_entailment"] == 1
     assert get_task("agnews").label_map["Sci/Tech"] == 3 and get_task("agnews").label_map["3"] == 3
 
 
@@ -145,7 +145,8 @@ def test_glue_layouts(tmp_path, task):
 
 
 def test_cola_without_header_row(tmp_path):
-    _write_tsv(tmp_path / "CoLA" / "train.tsv", [], [["gj04", "1", "", "Good."], ["gj04", "0", "*", "Bad it."]])
+    rows = [["gj04", "1", "", "Good."], ["gj04", "0", "*", "Bad it."]]
+    _write_tsv(tmp_path / "CoLA" / "train.tsv", [], rows)
     ds = load_task("cola", data_dir=tmp_path)
     assert ds.texts == ["Good.", "Bad it."] and ds.labels.tolist() == [1, 0]
 
@@ -182,7 +183,8 @@ def _write(path: Path, rows: list[dict]) -> Path:
     suffix = path.suffix
     if suffix in (".csv", ".tsv"):
         with path.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]), delimiter="," if suffix == ".csv" else "\t")
+            delimiter = "," if suffix == ".csv" else "\t"
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]), delimiter=delimiter)
             writer.writeheader()
             writer.writerows(rows)
     elif suffix == ".jsonl":
@@ -237,9 +239,11 @@ def test_hub_fallback_and_split_names(monkeypatch):
 
     def fake_load_dataset(path, name=None, split=None):
         calls.append((path, name, split))
-        features = datasets.Features({"premise": datasets.Value("string"), "hypothesis": datasets.Value("string"),
-                                      "label": datasets.ClassLabel(names=["entailment", "neutral", "contradiction"])})
-        return datasets.Dataset.from_dict({"premise": ["p"], "hypothesis": ["h"], "label": [2]}, features=features)
+        text = datasets.Value("string")
+        label = datasets.ClassLabel(names=["entailment", "neutral", "contradiction"])
+        features = datasets.Features({"premise": text, "hypothesis": text, "label": label})
+        rows = {"premise": ["p"], "hypothesis": ["h"], "label": [2]}
+        return datasets.Dataset.from_dict(rows, features=features)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     ds = load_task("mnli", split="validation")
@@ -247,6 +251,22 @@ def test_hub_fallback_and_split_names(monkeypatch):
     assert ds.texts == ["p"] and ds.text_pairs == ["h"] and ds.labels.tolist() == [2]
     generic = load_source("hub:owner/nli", text_column="premise", label_column="label", split="test")
     assert calls[-1] == ("owner/nli", None, "test") and generic.label_names[2] == "contradiction"
+
+
+def test_hub_dev_split_falls_back(monkeypatch):
+    import datasets
+
+    tried = []
+
+    def only_train_and_test(path, name=None, split=None):
+        tried.append(split)
+        if split not in ("train", "test"):
+            raise ValueError(f'Unknown split "{split}". Should be one of [\'train\', \'test\'].')
+        return datasets.Dataset.from_dict({"text": ["t"], "label": [1]})
+
+    monkeypatch.setattr(datasets, "load_dataset", only_train_and_test)
+    ds = load_source("hub:owner/reviews", split="dev", text_column="text", label_column="label")
+    assert tried == ["dev", "validation", "test"] and ds.labels.tolist() == [1]
 
 
 def test_hub_failure_says_how_to_go_offline(monkeypatch):
@@ -257,7 +277,7 @@ def test_hub_failure_says_how_to_go_offline(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DataError, match=f"cannot load split 'test'.*{DATA_DIR_ENV}"):
-        loading.load_task("agnews", split="validation")
+        load_task("agnews", split="validation")
 
 
 # ---------------------------------------------------------------- metrics (hand-computed)
@@ -291,7 +311,8 @@ def test_correlations_by_hand():
     assert result["pearson"] == pytest.approx(11 / math.sqrt(5 * 26))
     assert result["spearman"] == pytest.approx(1.0)
     tied = compute_metric("pearson_spearman", [1.0, 2.0, 2.0, 3.0], [1.0, 3.0, 2.0, 4.0])
-    assert tied["spearman"] == pytest.approx(4.5 / math.sqrt(4.5 * 5))  # ranks [1, 2.5, 2.5, 4] vs [1, 3, 2, 4]
+    # ranks [1, 2.5, 2.5, 4] vs [1, 3, 2, 4]
+    assert tied["spearman"] == pytest.approx(4.5 / math.sqrt(4.5 * 5))
     assert primary_score({"pearson": 0.8, "spearman": 0.6}) == pytest.approx(0.7)
 
 
@@ -330,7 +351,8 @@ def word_tokenizer():
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
                                    eos_token="</s>")
 
@@ -356,8 +378,8 @@ def test_encode_pads_to_longest_or_max_length(word_tokenizer):
 
 def test_encoded_dataset_and_collate(word_tokenizer):
     encoded = EncodedDataset(_toy(pairs=True), word_tokenizer, max_length=32)
-    loader = torch.utils.data.DataLoader(encoded, batch_size=2,
-                                         collate_fn=functools.partial(collate, pad_token_id=encoded.pad_token_id))
+    collate_fn = functools.partial(collate, pad_token_id=encoded.pad_token_id)
+    loader = torch.utils.data.DataLoader(encoded, batch_size=2, collate_fn=collate_fn)
     first = next(iter(loader))
     assert first["input_ids"].tolist() == [[2, 5, 6, 8, 3, 12, 3], [2, 7, 3, 13, 3, 0, 0]]
     assert first["attention_mask"][1].tolist() == [1, 1, 1, 1, 1, 0, 0] and first["labels"].tolist() == [1, 0]

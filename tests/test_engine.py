@@ -200,3 +200,25 @@ def test_cli_reports_bad_config_in_one_line(tmp_path):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "federation.rounds" in lines[0], proc.stderr
+
+
+def test_heterogeneous_ranks_hexa_is_exact_and_base_weights_only_take_the_folds(assets, tmp_path):
+    from fedlora import adapters
+    from fedlora.sim.engine import Simulation
+
+    cfg = _cfg(assets, tmp_path / "run", "hexa", rounds=2, extra=["lora.client_ranks=[4, 2]"])
+    sim = Simulation(cfg, progress=False)
+    before = {m: w.clone().double() for m, w in adapters.base_weights(sim.layers, sim.layers).items()}
+    records = sim.run()
+    assert all(r["agg_error"] < 1e-5 for r in records)
+    # W after = W before + the folded corrections (dense float64 reference); the per-client frozen terms
+    # were added for training only and removed exactly.
+    after = adapters.base_weights(sim.layers, sim.layers)
+    for m, w in after.items():
+        expected = before[m].clone()
+        for corr in sim.corrections:
+            if m in corr:
+                expected += corr[m].left.double() @ corr[m].right.double()
+        assert torch.allclose(w.double(), expected, atol=1e-6), m
+    ranks = {sim.client_ranks[c] for r in records for c in r["clients"]}
+    assert ranks == {2, 4}

@@ -103,14 +103,14 @@ def layout_of(layer: LoraLayer) -> str:
     return "conv1d" if getattr(layer, "fan_in_fan_out", False) else "linear"
 
 
-def read_state(layers: dict[str, LoraLayer]) -> dict[str, ModuleState]:
-    """Copy the current adapter out of the model."""
+def read_state(layers: dict[str, LoraLayer], adapter: str = ADAPTER) -> dict[str, ModuleState]:
+    """Copy adapter ``adapter`` out of the model."""
     return {
         name: ModuleState(
             LoRAFactors(
-                layer.lora_B[ADAPTER].weight.detach().clone(),
-                layer.lora_A[ADAPTER].weight.detach().clone(),
-                float(layer.scaling[ADAPTER]),
+                layer.lora_B[adapter].weight.detach().clone(),
+                layer.lora_A[adapter].weight.detach().clone(),
+                float(layer.scaling[adapter]),
             ),
             layout_of(layer),
         )
@@ -119,14 +119,14 @@ def read_state(layers: dict[str, LoraLayer]) -> dict[str, ModuleState]:
 
 
 @torch.no_grad()
-def write_factors(layers: dict[str, LoraLayer], factors: dict[str, LoRAFactors]) -> None:
-    """Load factors into the model (rank and scale must match the model's adapter)."""
+def write_factors(layers: dict[str, LoraLayer], factors: dict[str, LoRAFactors], adapter: str = ADAPTER) -> None:
+    """Load factors into adapter ``adapter`` of the model (rank and scale must match it)."""
     for name, f in factors.items():
         layer = layers[name]
-        if abs(float(layer.scaling[ADAPTER]) - f.scale) > 1e-12 * max(1.0, f.scale):
-            raise ValueError(f"module {name!r}: scale {f.scale} differs from the model's {layer.scaling[ADAPTER]}")
-        layer.lora_B[ADAPTER].weight.copy_(f.B)
-        layer.lora_A[ADAPTER].weight.copy_(f.A)
+        if abs(float(layer.scaling[adapter]) - f.scale) > 1e-9 * max(1.0, f.scale):
+            raise ValueError(f"module {name!r}: scale {f.scale} differs from the model's {layer.scaling[adapter]}")
+        layer.lora_B[adapter].weight.copy_(f.B)
+        layer.lora_A[adapter].weight.copy_(f.A)
 
 
 @torch.no_grad()
@@ -137,18 +137,39 @@ def fold_corrections(layers: dict[str, LoraLayer], corrections: dict[str, LowRan
         lowrank.fold_into_weight(layer.get_base_layer().weight.data, correction, layout_of(layer))
 
 
-def head_parameters(model: PeftModel) -> dict[str, nn.Parameter]:
-    """The trainable copies of the heads (``...classifier.modules_to_save.default.weight``)."""
-    return {n: p for n, p in model.named_parameters() if f"modules_to_save.{ADAPTER}." in n}
+def base_weights(layers: dict[str, LoraLayer], names) -> dict[str, torch.Tensor]:
+    """The frozen base weights of ``names`` (the tensors themselves, for an exact save and restore)."""
+    return {n: layers[n].get_base_layer().weight.data for n in names}
 
 
-def adapter_parameters(layers: dict[str, LoraLayer], train_a: bool, train_b: bool) -> list[nn.Parameter]:
+def head_parameters(model: PeftModel, adapter: str = ADAPTER) -> dict[str, nn.Parameter]:
+    """The heads' trainable copies for ``adapter``, keyed without the adapter part
+    (``classifier.modules_to_save.<adapter>.weight`` -> ``classifier.weight``)."""
+    marker = f"modules_to_save.{adapter}."
+    return {_strip(n).replace(marker, ""): p for n, p in model.named_parameters() if marker in n}
+
+
+def add_rank_adapter(model: PeftModel, lora: LoraSection, task_type: str, rank: int) -> str:
+    """A second adapter of another rank (same alpha, targets and heads) for clients of that rank."""
+    name = f"rank{rank}"
+    if name not in model.peft_config:
+        model.add_adapter(name, lora_config(lora, model.get_base_model(), task_type, rank=rank))
+    return name
+
+
+def activate(model: PeftModel, adapter: str) -> None:
+    model.base_model.set_adapter(adapter)
+
+
+def adapter_parameters(
+    layers: dict[str, LoraLayer], train_a: bool, train_b: bool, adapter: str = ADAPTER
+) -> list[nn.Parameter]:
     params = []
     for layer in layers.values():
-        layer.lora_A[ADAPTER].weight.requires_grad_(train_a)
-        layer.lora_B[ADAPTER].weight.requires_grad_(train_b)
+        layer.lora_A[adapter].weight.requires_grad_(train_a)
+        layer.lora_B[adapter].weight.requires_grad_(train_b)
         if train_a:
-            params.append(layer.lora_A[ADAPTER].weight)
+            params.append(layer.lora_A[adapter].weight)
         if train_b:
-            params.append(layer.lora_B[ADAPTER].weight)
+            params.append(layer.lora_B[adapter].weight)
     return params

@@ -72,7 +72,7 @@ class FederationConfig(_Section):
 
 
 class TrainConfig(_Section):
-    local_steps: int | None = Field(25, ge=1, description="optimizer steps per client per round")
+    local_steps: int | None = Field(10, ge=1, description="optimizer steps per client per round")
     local_epochs: float | None = Field(None, gt=0, description="instead of local_steps: passes over local data")
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -90,7 +90,7 @@ class TrainConfig(_Section):
 
 class EvalConfig(_Section):
     batch_size: int = Field(64, ge=1)
-    local: bool = Field(True, description="also evaluate on each sampled client's local test split")
+    local: bool = Field(True, description="also evaluate the global model on the sampled clients' local test splits")
 
 
 class RunConfig(_Section):

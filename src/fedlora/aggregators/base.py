@@ -232,12 +232,17 @@ class Aggregator(ABC):
         new_state = {m: ModuleState(new_factors[m], global_state[m].layout) for m in global_state}
         corrections = {m: c for m, c in corrections.items() if c.rank > 0}
 
+        # The error is measured in float64 from the stored factors: in float32 the cancellation in
+        # ``ideal - applied`` would otherwise leave rounding noise (~1e-5 relative) in an exact method's error.
         errors, num_sq, den_sq = {}, 0.0, 0.0
         for m, state in global_state.items():
-            ideal = rnd.mean_update(m)
-            applied = [new_factors[m].as_lowrank()] + ([corrections[m]] if m in corrections else [])
+            ideal = lowrank.concat([as_lowrank64(rnd.trained[k][m], rnd.payloads[k][m].frozen)
+                                    for k in range(len(checked))], rnd.weights)
+            applied = [as_lowrank64(new_factors[m])]
+            if m in corrections:
+                applied.append(as_lowrank64(None, corrections[m]))
             num = lowrank.frobenius_norm(lowrank.concat([ideal, *applied], [1.0] + [-1.0] * len(applied)))
-            den = lowrank.frobenius_norm(lowrank.subtract(ideal, state.factors.as_lowrank()))
+            den = lowrank.frobenius_norm(lowrank.subtract(ideal, as_lowrank64(state.factors)))
             errors[m] = _ratio(num, den)
             num_sq += num * num
             den_sq += den * den
@@ -264,6 +269,16 @@ class Aggregator(ABC):
             errors=errors,
             error=_ratio(math.sqrt(num_sq), math.sqrt(den_sq)),
         )
+
+
+def as_lowrank64(adapter: LoRAFactors | None, extra: LowRank | None = None) -> LowRank:
+    """``scale * B @ A`` (plus ``extra``) as a float64 product, the scale applied in float64."""
+    terms = []
+    if adapter is not None:
+        terms.append(LowRank(adapter.B.double() * adapter.scale, adapter.A.double()))
+    if extra is not None:
+        terms.append(LowRank(extra.left.double(), extra.right.double()))
+    return terms[0] if len(terms) == 1 else lowrank.concat(terms)
 
 
 def _ratio(num: float, den: float) -> float:

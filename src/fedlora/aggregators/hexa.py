@@ -28,7 +28,16 @@ import torch
 
 from .. import lowrank
 from ..types import AggregationInputError, ClientPayload
-from .base import Aggregator, GlobalState, Round, exact_residual, padded_mean, refactorized, register
+from .base import (
+    Aggregator,
+    GlobalState,
+    Round,
+    as_lowrank64,
+    exact_residual,
+    padded_mean,
+    refactorized,
+    register,
+)
 
 
 @register
@@ -72,11 +81,14 @@ class HEXA(Aggregator):
 
     @staticmethod
     def _cosine_divergence(rnd: Round) -> list[float]:
+        # In float64: a move is a difference of nearly equal products, and in float32 its inner products
+        # lose most of their digits to that cancellation (weights off by 1e-4 relative, measured).
         n = len(rnd.updates)
         dots, norms_sq, mean_sq = [0.0] * n, [0.0] * n, 0.0
         for m, state in rnd.global_state.items():
-            start = state.factors.as_lowrank()
-            moves = [lowrank.subtract(rnd.full(k, m), start) for k in range(n)]
+            start = as_lowrank64(state.factors)
+            moves = [lowrank.subtract(as_lowrank64(rnd.trained[k][m], rnd.payloads[k][m].frozen), start)
+                     for k in range(n)]
             mean = lowrank.concat(moves, rnd.weights)
             mean_sq += float(lowrank.inner(mean, mean))
             for k, u in enumerate(moves):
@@ -102,11 +114,12 @@ class HEXA(Aggregator):
             hists.append(h)
         pooled = torch.stack(hists).sum(0)
         pooled = pooled / pooled.sum()
-        eps = 1e-12
         out = []
         for h in hists:
             q = h / h.sum()
-            out.append(float((q * ((q + eps) / (pooled + eps)).log()).sum()))
+            # 0 log 0 = 0; where q > 0 the pooled histogram is > 0 too, so no epsilon is needed.
+            terms = torch.where(q > 0, q * (q / torch.where(q > 0, pooled, 1.0)).log(), 0.0)
+            out.append(float(terms.sum()))
         return out
 
     # parts 2 and 3 ------------------------------------------------------------

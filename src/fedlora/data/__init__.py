@@ -3,11 +3,13 @@
 ``load_task("sst2", data_dir, split)`` reads a GLUE-layout folder (or ``$FEDLORA_DATA_DIR``, else the hub);
 ``load_local`` / ``load_hub`` / ``load_source`` cover other data; ``compute_metric`` scores predictions
 with the task's GLUE metric; ``encode`` / ``EncodedDataset`` + ``collate`` / ``encode_instructions`` make
-model inputs. Partitioning across clients lives in :mod:`fedlora.partition`.
+model inputs; ``load_instructions`` reads prompt/response pairs for causal LMs. Partitioning across
+clients lives in :mod:`fedlora.partition`.
 """
 
 from .dataset import TextDataset, encode_labels, subsample
 from .errors import DataError, DataFileNotFoundError
+from .instructions import PERPLEXITY, load_instructions
 from .loading import DATA_DIR_ENV, load_hub, load_local, load_source, load_task, resolve_data_dir, task_file
 from .metrics import METRICS, compute_metric, primary_score
 from .readers import read_table
@@ -18,6 +20,7 @@ __all__ = [
     "DATA_DIR_ENV",
     "IGNORE_INDEX",
     "METRICS",
+    "PERPLEXITY",
     "TASKS",
     "DataError",
     "DataFileNotFoundError",
@@ -31,6 +34,7 @@ __all__ = [
     "encode_labels",
     "get_task",
     "load_hub",
+    "load_instructions",
     "load_local",
     "load_source",
     "load_task",

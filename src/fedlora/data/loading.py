@@ -32,6 +32,7 @@ from .tasks import TASKS, TaskSpec, canonical_split, canonical_task_name, get_ta
 
 DATA_DIR_ENV = "FEDLORA_DATA_DIR"
 HUB_PREFIX = "hub:"
+HUB_SPLIT_FALLBACKS = {"dev": ("validation", "test"), "validation": ("dev", "test")}
 
 
 def resolve_data_dir(data_dir: str | Path | None = None) -> Path | None:
@@ -43,7 +44,7 @@ def resolve_data_dir(data_dir: str | Path | None = None) -> Path | None:
 
 
 def task_file(spec: TaskSpec, split: str, data_dir: str | Path) -> Path:
-    """The file holding ``spec``'s ``split`` under ``data_dir``; :class:`DataFileNotFoundError` lists tries."""
+    """The file holding ``spec``'s ``split`` under ``data_dir``; else a :class:`DataFileNotFoundError`."""
     root = Path(data_dir)
     folders = (root / spec.folder, root / "glue" / spec.folder, root.parent / spec.folder)
     tried = [folder / name for folder in folders for name in spec.files[canonical_split(spec, split)]]
@@ -150,7 +151,7 @@ def load_hub(dataset_id: str, text_column: str, label_column: str, split: str = 
     label_column : str
         Column of the label.
     split : str (default: "train")
-        Hub split name.
+        Hub split name; ``dev``/``validation`` fall back to each other, then to ``test``.
     text_pair_column : str or None (default: None)
         Column of the second text.
     config : str or None (default: None)
@@ -173,7 +174,7 @@ def load_hub(dataset_id: str, text_column: str, label_column: str, split: str = 
     """
     dataset_id = dataset_id.removeprefix(HUB_PREFIX)
     columns, names = _hub_columns(dataset_id, config, split, label_column)
-    where = f"{HUB_PREFIX}{dataset_id}" + (f"/{config}" if config else "") + f" [{split}]"
+    where = _hub_where(dataset_id, config, split)
     dataset = _from_columns(columns, where, text_column, text_pair_column, label_column,
                             label_names or names, regression, metric, task=f"{HUB_PREFIX}{dataset_id}")
     return subsample(dataset, max_examples, seed)
@@ -233,23 +234,42 @@ def _as_texts(values: list) -> list[str]:
 
 def _hub_columns(dataset_id: str, config: str | None, split: str,
                  label_column: str) -> tuple[Columns, tuple[str, ...] | None]:
-    """Columns of a hub split and, if the label is a ``ClassLabel``, its names."""
+    """Columns of a hub split and, if the label is a ``ClassLabel``, its names.
+
+    A split the dataset lacks falls back through :data:`HUB_SPLIT_FALLBACKS` (``dev`` -> ``validation``
+    -> ``test``), so ``load_source("hub:owner/name", "dev", ...)`` works on datasets without a dev split.
+    """
     import datasets
 
-    try:
-        hub = datasets.load_dataset(dataset_id, config, split=split)
-    except Exception as err:  # noqa: BLE001  (network, auth, missing config: all one message)
-        raise DataError(f"{HUB_PREFIX}{dataset_id}: cannot load split {split!r} from the hub "
-                        f"({type(err).__name__}: {err}); offline, set {DATA_DIR_ENV} or pass --data-dir") from err
+    candidates = [split, *HUB_SPLIT_FALLBACKS.get(split, ())]
+    for candidate in candidates:
+        try:
+            hub = datasets.load_dataset(dataset_id, config, split=candidate)
+            break
+        except ValueError as err:  # datasets: 'Unknown split "dev". Should be one of [...]'
+            if "split" not in str(err).lower() or candidate == candidates[-1]:
+                raise _hub_error(dataset_id, split, err) from err
+        except Exception as err:  # noqa: BLE001  (network, auth, missing config: all one message)
+            raise _hub_error(dataset_id, split, err) from err
     feature = hub.features.get(label_column)
     names = tuple(feature.names) if isinstance(feature, datasets.ClassLabel) else None
     return hub.to_dict(), names
+
+
+def _hub_where(dataset_id: str, config: str | None, split: str) -> str:
+    return f"{HUB_PREFIX}{dataset_id}" + (f"/{config}" if config else "") + f" [{split}]"
+
+
+def _hub_error(dataset_id: str, split: str, err: Exception) -> DataError:
+    reason = " ".join(str(err).split())  # one line, whatever the library said
+    return DataError(f"{HUB_PREFIX}{dataset_id}: cannot load split {split!r} from the hub "
+                     f"({type(err).__name__}: {reason}); offline, set {DATA_DIR_ENV} or pass --data-dir")
 
 
 def _load_task_from_hub(spec: TaskSpec, split: str) -> TextDataset:
     text, pair, label = spec.columns_on_hub
     hub_split = spec.hub_splits.get(split, split)
     columns, _ = _hub_columns(spec.hub_path, spec.hub_name, hub_split, label)
-    where = f"{HUB_PREFIX}{spec.hub_path}" + (f"/{spec.hub_name}" if spec.hub_name else "") + f" [{hub_split}]"
+    where = _hub_where(spec.hub_path, spec.hub_name, hub_split)
     return _from_columns(columns, where, text, pair, label, spec.label_names, spec.is_regression,
                          spec.metric, task=spec.name)

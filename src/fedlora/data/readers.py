@@ -62,7 +62,7 @@ def read_table(path: str | Path, quoting: int | None = None,
 
             return pq.read_table(path).to_pydict()
     except (csv.Error, json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
-        raise DataError(f"{path}: cannot parse ({type(err).__name__}: {err})") from err
+        raise DataError(f"{path}: cannot parse ({type(err).__name__}: {' '.join(str(err).split())})") from err
     raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(SUFFIXES)}")
 
 

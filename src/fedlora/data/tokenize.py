@@ -26,7 +26,8 @@ def label_tensor(dataset: TextDataset) -> Tensor:
     return torch.as_tensor(dataset.labels, dtype=torch.float32 if dataset.is_regression else torch.long)
 
 
-def encode(dataset: TextDataset, tokenizer, max_length: int = 128, padding: str = "longest") -> dict[str, Tensor]:
+def encode(dataset: TextDataset, tokenizer, max_length: int = 128,
+           padding: str = "longest") -> dict[str, Tensor]:
     """Tokenize, truncate and pad a whole dataset.
 
     Parameters
@@ -74,10 +75,12 @@ class EncodedDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict:
-        return {**{name: values[index] for name, values in self.features.items()}, "labels": self.labels[index]}
+        item = {name: values[index] for name, values in self.features.items()}
+        return {**item, "labels": self.labels[index]}
 
 
-def collate(features: Sequence[dict], pad_token_id: int = 0, padding_side: str = "right") -> dict[str, Tensor]:
+def collate(features: Sequence[dict], pad_token_id: int = 0,
+            padding_side: str = "right") -> dict[str, Tensor]:
     """Pad a list of :class:`EncodedDataset` items to the batch's longest sequence.
 
     Parameters

@@ -67,7 +67,8 @@ def partition_labels(labels, num_clients: int, scheme: str = "iid", seed: int = 
     if labels.ndim != 1:
         raise PartitionError(f"labels must be 1-D, got shape {labels.shape}")
     if not 1 <= num_clients <= len(labels):
-        raise PartitionError(f"num_clients must be in 1..{len(labels)} (the number of examples), got {num_clients}")
+        raise PartitionError(f"num_clients must be in 1..{len(labels)} (the number of examples), "
+                             f"got {num_clients}")
     if scheme not in PARTITIONERS:
         raise PartitionError(f"unknown partition scheme {scheme!r}; known: {', '.join(sorted(PARTITIONERS))}")
     fn = PARTITIONERS[scheme]
@@ -116,7 +117,8 @@ def flwr_indices(partitioner, labels: np.ndarray, order: np.ndarray | None = Non
         cached = getattr(partitioner, "_partition_id_to_indices", None) if read_cache else None
         if isinstance(cached, dict) and sorted(cached) == list(range(num_partitions)):
             return [order[np.asarray(cached[k], dtype=np.int64)] for k in range(num_partitions)]
-        return [np.asarray(partitioner.load_partition(k)["idx"], dtype=np.int64) for k in range(num_partitions)]
+        return [np.asarray(partitioner.load_partition(k)["idx"], dtype=np.int64)
+                for k in range(num_partitions)]
 
 
 def client_test_split(indices, fraction: float, seed: int = 42) -> tuple[np.ndarray, np.ndarray]:

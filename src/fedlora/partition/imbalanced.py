@@ -26,7 +26,8 @@ import numpy as np
 from .base import Partition, PartitionError, class_ids, register
 
 
-def class_counts(client_size: int, num_clients: int, num_classes: int, dominant_fraction: float) -> np.ndarray:
+def class_counts(client_size: int, num_clients: int, num_classes: int,
+                 dominant_fraction: float) -> np.ndarray:
     """``(K, C)`` counts: ``round(f n)`` of class ``k mod C``, the rest split evenly (first others first)."""
     counts = np.zeros((num_clients, num_classes), dtype=np.int64)
     dominant = int(round(dominant_fraction * client_size)) if num_classes > 1 else client_size
@@ -78,8 +79,8 @@ def imbalanced(labels: np.ndarray, num_clients: int, seed: int = 42, dominant_fr
         mid = (low + high + 1) // 2
         low, high = (mid, high) if fits(mid) else (low, mid - 1)
     if low < 1 or (client_size is not None and client_size > low):
-        raise PartitionError(f"imbalanced: class counts {available.tolist()} allow at most {low} examples per "
-                             f"client for {num_clients} clients at dominant_fraction={dominant_fraction}"
+        raise PartitionError(f"imbalanced: class counts {available.tolist()} allow at most {low} examples "
+                             f"per client for {num_clients} clients at dominant_fraction={dominant_fraction}"
                              + (f", asked {client_size}" if client_size is not None else ""))
     size = low if client_size is None else client_size
     counts = class_counts(size, num_clients, num_classes, dominant_fraction)

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+IGNORE_INDEX = -100  # label value of prompt and padding tokens (fedlora.data.IGNORE_INDEX)
+
 
 def batch_at(encoded: dict[str, Tensor], idx: np.ndarray) -> dict[str, Tensor]:
     """Rows ``idx`` of the encoded split, trimmed to the longest real sequence (padding is on the right)."""
@@ -72,9 +74,22 @@ def train_local(
     return total / max(count, 1), optimizer.state_dict()
 
 
+def is_token_level(encoded: dict[str, Tensor]) -> bool:
+    """Labels per token (causal LM, ``(N, T)``) rather than per example (classification, ``(N,)``)."""
+    labels = encoded.get("labels")
+    return labels is not None and labels.ndim == 2
+
+
 @torch.no_grad()
 def predict(model: nn.Module, encoded: dict[str, Tensor], indices: np.ndarray, batch_size: int) -> tuple[Tensor, float]:
-    """Logits (concatenated) and mean loss over ``indices``."""
+    """Logits (concatenated) and mean loss over ``indices``.
+
+    With per-token labels (a causal LM) the logits would be ``(N, T, vocab)``: instead this returns
+    :func:`token_losses`' ``(N, 2)`` rows (summed loss, target tokens) and the mean loss per target token.
+    """
+    if is_token_level(encoded):
+        stats = token_losses(model, encoded, indices, batch_size)
+        return stats, mean_token_loss(stats)
     model.eval()
     logits, loss_sum, n = [], 0.0, 0
     for start in range(0, len(indices), batch_size):
@@ -84,3 +99,30 @@ def predict(model: nn.Module, encoded: dict[str, Tensor], indices: np.ndarray, b
         loss_sum += float(out.loss) * len(idx)
         n += len(idx)
     return (torch.cat(logits) if logits else torch.empty(0)), loss_sum / max(n, 1)
+
+
+@torch.no_grad()
+def token_losses(model: nn.Module, encoded: dict[str, Tensor], indices: np.ndarray,
+                 batch_size: int) -> Tensor:
+    """Per example of ``indices``: the summed next-token loss over its target tokens, and their count.
+
+    Targets are the labels not equal to -100 (the response, for instruction data), shifted by one as in
+    Hugging Face's causal-LM loss. Logits live one batch at a time. Returns ``float64`` ``(N, 2)``.
+    """
+    model.eval()
+    rows = []
+    for start in range(0, len(indices), batch_size):
+        batch = batch_at(encoded, indices[start : start + batch_size])
+        labels = batch.pop("labels")[:, 1:]
+        logits = model(**batch).logits[:, :-1].float()
+        nll = nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
+                                          reduction="none")
+        counts = (labels != IGNORE_INDEX).sum(1)
+        rows.append(torch.stack([nll.double().sum(1), counts.double()], 1).cpu())
+    return torch.cat(rows) if rows else torch.zeros(0, 2, dtype=torch.float64)
+
+
+def mean_token_loss(stats: Tensor) -> float:
+    """Token-weighted mean loss of :func:`token_losses` rows (NaN when there is no target token)."""
+    total, tokens = (float(v) for v in stats.sum(0)) if len(stats) else (0.0, 0.0)
+    return total / tokens if tokens > 0 else float("nan")

@@ -2,6 +2,11 @@
 
 Built once per run from the config (config -> data and partition -> engine); the label histograms are saved
 (JSON and PNG) next to the run's metrics.
+
+``model.task_type=causal_lm`` reads instruction data instead (``data.text_column`` = prompt column,
+``data.text_pair_column`` = response column), encodes it with the prompt masked out of the loss, and scores
+the dev split by perplexity. Such data has no labels: only label-free partitions (``iid``,
+``quantity_skew``) apply, and the histograms have a single bin (the client sizes).
 """
 
 from __future__ import annotations
@@ -9,14 +14,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import logging
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..config import DataConfig, RunConfig
-from ..data import compute_metric, encode, load_source, primary_score
+from ..data import (
+    PERPLEXITY, compute_metric, encode, encode_instructions, load_instructions, load_source, primary_score,
+)
 from ..data.readers import SUFFIXES
 from ..partition import client_test_split, label_histograms, partition_labels, save_histograms
+from .client import mean_token_loss
+
+log = logging.getLogger("fedlora")
+CAUSAL_LM = "causal_lm"
+LABEL_FREE_SCHEMES = ("iid", "quantity_skew")
 
 
 @dataclass
@@ -31,28 +46,55 @@ class FederatedData:
     metric: str
     train: dict[str, Tensor] = field(default_factory=dict)
     dev: dict[str, Tensor] = field(default_factory=dict)
+    task_type: str = "seq_cls"
 
     @property
     def dev_size(self) -> int:
         return len(self.dev_set)
 
     def encode(self, tokenizer, max_length: int) -> None:
-        self.train = encode(self.train_set, tokenizer, max_length)
-        self.dev = encode(self.dev_set, tokenizer, max_length)
+        if self.task_type == CAUSAL_LM:  # right-padded; labels -100 on prompt and padding
+            self.train = _encode_instructions(self.train_set, tokenizer, max_length, "train")
+            self.dev = _encode_instructions(self.dev_set, tokenizer, max_length, "dev")
+        else:
+            self.train = encode(self.train_set, tokenizer, max_length)
+            self.dev = encode(self.dev_set, tokenizer, max_length)
 
 
-def load_dataset_for(data: DataConfig, seed: int):
+def _encode_instructions(dataset, tokenizer, max_length: int, split: str) -> dict[str, Tensor]:
+    encoded = encode_instructions(dataset.texts, dataset.text_pairs, tokenizer, max_length)
+    empty = int(((encoded["labels"] != -100).sum(1) == 0).sum())
+    if empty:
+        log.warning("%s split: %d of %d examples keep no response token within model.max_length=%d "
+                    "(they add nothing to the loss)", split, empty, len(dataset), max_length)
+    return encoded
+
+
+def load_dataset_for(data: DataConfig, seed: int, task_type: str = "seq_cls"):
     """Train and dev splits for the configured source (task name, ``hub:owner/name`` or a file).
 
-    A single local file without ``data.dev`` gives up a seeded 10% as the dev split.
+    A single local file without ``data.dev`` gives up a seeded 10% as the dev split. For ``causal_lm`` the
+    source is instruction data (:func:`~fedlora.data.load_instructions`); its prompt and response columns
+    are ``data.text_column`` and ``data.text_pair_column`` (default ``prompt`` and ``response``).
     """
-    columns = {
-        k: v for k, v in (("text_column", data.text_column), ("text_pair_column", data.text_pair_column),
-                          ("label_column", data.label_column)) if v
-    }
-    train = load_source(data.task, "train", data.data_dir, data.max_train_examples, seed, **columns)
+    if task_type == CAUSAL_LM:
+        columns = {"prompt_column": data.text_column or "prompt",
+                   "response_column": data.text_pair_column or "response"}
+
+        def load(source, split, max_examples):
+            return load_instructions(source, split=split, max_examples=max_examples, seed=seed, **columns)
+    else:
+        columns = {
+            k: v for k, v in (("text_column", data.text_column), ("text_pair_column", data.text_pair_column),
+                              ("label_column", data.label_column)) if v
+        }
+
+        def load(source, split, max_examples):
+            return load_source(source, split, data.data_dir, max_examples, seed, **columns)
+
+    train = load(data.task, "train", data.max_train_examples)
     if data.dev:
-        return train, load_source(data.dev, "dev", data.data_dir, data.max_eval_examples, seed, **columns)
+        return train, load(data.dev, "dev", data.max_eval_examples)
     if Path(data.task).suffix.lower() in SUFFIXES:
         order = np.random.default_rng([seed, 11]).permutation(len(train))
         cut = max(1, len(train) // 10)
@@ -60,13 +102,17 @@ def load_dataset_for(data: DataConfig, seed: int):
         if data.max_eval_examples:
             dev = dev.subset(np.arange(min(len(dev), data.max_eval_examples)))
         return train.subset(order[cut:]), dev
-    return train, load_source(data.task, "dev", data.data_dir, data.max_eval_examples, seed, **columns)
+    return train, load(data.task, "dev", data.max_eval_examples)
 
 
 def build_federated_data(cfg: RunConfig, run_dir: Path) -> FederatedData:
-    train_set, dev_set = load_dataset_for(cfg.data, cfg.seed)
-    labels = np.asarray(train_set.labels)
+    causal = cfg.model.task_type == CAUSAL_LM
     part = cfg.partition
+    if causal and part.scheme not in LABEL_FREE_SCHEMES:  # before reading any data
+        raise ValueError(f"partition.scheme: {part.scheme!r} needs class labels; model.task_type=causal_lm "
+                         f"data has none (use {' or '.join(LABEL_FREE_SCHEMES)})")
+    train_set, dev_set = load_dataset_for(cfg.data, cfg.seed, cfg.model.task_type)
+    labels = np.asarray(train_set.labels)
     opts = {
         "iid": {},
         "dirichlet": {"alpha": part.alpha},
@@ -86,10 +132,14 @@ def build_federated_data(cfg: RunConfig, run_dir: Path) -> FederatedData:
         train_idx[cid], test_idx[cid] = client_test_split(idx, part.local_test_fraction, cfg.seed + int(cid))
         if len(train_idx[cid]) == 0:
             raise ValueError(f"partition: client {cid} has no training examples; use fewer clients or more data")
-    n_classes = max(int(labels.max()) + 1, 1) if not train_set.is_regression else 4
+    if causal:  # no labels: one bin, the client sizes
+        n_classes, names = 1, ["examples"]
+    elif train_set.is_regression:
+        n_classes, names = 4, [f"q{i + 1}" for i in range(4)]
+    else:
+        n_classes, names = max(int(labels.max()) + 1, 1), list(train_set.label_names)
     hist = label_histograms(labels, [train_idx[c] for c in client_ids], n_classes)
     run_dir.mkdir(parents=True, exist_ok=True)
-    names = list(train_set.label_names) if not train_set.is_regression else [f"q{i + 1}" for i in range(4)]
     save_histograms(hist, run_dir / "label_histograms.json", run_dir / "label_histograms.png", names)
     return FederatedData(
         train_set=train_set,
@@ -100,10 +150,19 @@ def build_federated_data(cfg: RunConfig, run_dir: Path) -> FederatedData:
         histograms={c: hist[i] for i, c in enumerate(client_ids)},
         num_labels=train_set.num_labels,
         metric=train_set.metric,
+        task_type=cfg.model.task_type,
     )
 
 
 def score(data: FederatedData, logits: Tensor, labels: Tensor) -> float:
-    """The task's main metric from logits (argmax, or the value itself for regression)."""
+    """The task's main metric from logits (argmax, or the value itself for regression).
+
+    For ``perplexity`` (causal LM), ``logits`` are :func:`~fedlora.sim.client.predict`'s per-example
+    ``(summed loss, target tokens)`` rows and the result is ``exp`` of the mean loss per target token
+    (lower is better); ``labels`` are not needed.
+    """
+    if data.metric == PERPLEXITY:
+        mean = mean_token_loss(logits)
+        return float("inf") if mean > 700 else math.exp(mean)  # NaN stays NaN
     preds = logits.squeeze(-1) if data.num_labels == 1 else logits.argmax(-1)
     return primary_score(compute_metric(data.metric, preds.cpu().numpy(), torch.as_tensor(labels).cpu().numpy()))

@@ -54,10 +54,9 @@ class Simulation:
         self.data.encode(self.tokenizer, cfg.model.max_length)
         self.model = adapters.attach_lora(base, cfg.lora, cfg.model.task_type)
         self.layers = adapters.lora_layers(self.model)
-        self.heads = adapters.head_parameters(self.model)
         self.client_ranks = self._client_ranks()
         self.global_state: dict[str, ModuleState] = adapters.read_state(self.layers)
-        self.global_head = {k: p.detach().clone() for k, p in self.heads.items()}
+        self.global_head = {k: p.detach().clone() for k, p in adapters.head_parameters(self.model).items()}
         self.corrections: list[dict[str, LowRank]] = []  # one dict per round, in order
         self.optimizer_states: dict[str, dict] = {}
         self.records: list[dict] = []
@@ -65,14 +64,17 @@ class Simulation:
 
     # ------------------------------------------------------------------ setup helpers
     def _client_ranks(self) -> dict[str, int]:
+        """Each client's LoRA rank (``lora.client_ranks`` cycled); other ranks get adapters of their own."""
         ranks = self.cfg.lora.client_ranks or [self.cfg.lora.rank]
         out = {cid: ranks[i % len(ranks)] for i, cid in enumerate(self.data.client_ids)}
-        if any(r != self.cfg.lora.rank for r in out.values()):
-            raise ValueError(
-                "lora.client_ranks: heterogeneous ranks are not yet supported by the in-process engine "
-                "(the aggregators support them; see the roadmap)"
-            )
+        for r in sorted(set(out.values()) - {self.cfg.lora.rank}):
+            adapters.add_rank_adapter(self.model, self.cfg.lora, self.cfg.model.task_type, r)
+        adapters.activate(self.model, adapters.ADAPTER)
         return out
+
+    def _adapter_for(self, cid: str) -> str:
+        rank = self.client_ranks[cid]
+        return adapters.ADAPTER if rank == self.cfg.lora.rank else f"rank{rank}"
 
     @classmethod
     def resume(cls, run_dir: str | Path, *, progress: bool = True) -> Simulation:
@@ -119,37 +121,52 @@ class Simulation:
         log.info("resumed %s after round %d", self.run_dir, completed)
 
     # ------------------------------------------------------------------ model state swaps
-    def _install(self, factors: dict[str, LoRAFactors], head: dict[str, torch.Tensor]) -> None:
-        adapters.write_factors(self.layers, factors)
+    def _install(self, factors: dict[str, LoRAFactors], head: dict[str, torch.Tensor], adapter: str) -> None:
+        adapters.activate(self.model, adapter)
+        adapters.write_factors(self.layers, factors, adapter)
         with torch.no_grad():
-            for k, p in self.heads.items():
+            for k, p in adapters.head_parameters(self.model, adapter).items():
                 p.copy_(head[k])
 
     def _install_global(self) -> None:
-        self._install({m: s.factors for m, s in self.global_state.items()}, self.global_head)
+        self._install({m: s.factors for m, s in self.global_state.items()}, self.global_head, adapters.ADAPTER)
 
     # ------------------------------------------------------------------ one client
     def _train_client(self, cid: str, round_idx: int) -> tuple[ClientUpdate, dict[str, torch.Tensor], float]:
         cfg = self.cfg
+        adapter = self._adapter_for(cid)
         payload = self.aggregator.payload(self.global_state, self.client_ranks[cid], round_idx)
         start = {m: p.adapter for m, p in payload.items()}
-        self._install(start, self.global_head)
-        train_a, train_b = self.aggregator.trains(round_idx)
-        params = adapters.adapter_parameters(self.layers, train_a, train_b) + list(self.heads.values())
-        indices = self.data.train_indices[cid]
-        steps = cfg.train.local_steps or max(1, int(np.ceil(cfg.train.local_epochs * len(indices) / cfg.train.batch_size)))
-        torch.manual_seed(_seed(cfg.seed, round_idx, cid))  # dropout
-        batches = local_batches(indices, cfg.train.batch_size, steps, [cfg.seed, round_idx, int(cid), 1])
-        loss, opt_state = train_local(
-            self.model, params, batches, self.data.train,
-            steps=steps, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-            warmup_steps=cfg.train.warmup_steps, max_grad_norm=cfg.train.max_grad_norm,
-            optimizer_state=self.optimizer_states.get(cid) if cfg.train.optimizer_state == "kept" else None,
-            penalty=self._proximal(start),
-        )
+        self._install(start, self.global_head, adapter)
+        # A frozen low-rank term (HEXA's exact heterogeneous ranks) joins W for this client only; the
+        # original weights are put back bit for bit afterwards.
+        frozen = {m: p.frozen for m, p in payload.items() if p.frozen is not None and p.frozen.rank > 0}
+        saved = {m: w.clone() for m, w in adapters.base_weights(self.layers, frozen).items()}
+        adapters.fold_corrections(self.layers, frozen)
+        try:
+            train_a, train_b = self.aggregator.trains(round_idx)
+            heads = adapters.head_parameters(self.model, adapter)
+            params = adapters.adapter_parameters(self.layers, train_a, train_b, adapter) + list(heads.values())
+            indices = self.data.train_indices[cid]
+            steps = cfg.train.local_steps or max(
+                1, int(np.ceil(cfg.train.local_epochs * len(indices) / cfg.train.batch_size))
+            )
+            torch.manual_seed(_seed(cfg.seed, round_idx, cid))  # dropout
+            batches = local_batches(indices, cfg.train.batch_size, steps, [cfg.seed, round_idx, int(cid), 1])
+            loss, opt_state = train_local(
+                self.model, params, batches, self.data.train,
+                steps=steps, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                warmup_steps=cfg.train.warmup_steps, max_grad_norm=cfg.train.max_grad_norm,
+                optimizer_state=self.optimizer_states.get(cid) if cfg.train.optimizer_state == "kept" else None,
+                penalty=self._proximal(start, adapter),
+            )
+        finally:
+            with torch.no_grad():
+                for m, w in adapters.base_weights(self.layers, saved).items():
+                    w.copy_(saved[m])
         if cfg.train.optimizer_state == "kept":
             self.optimizer_states[cid] = opt_state
-        trained = adapters.read_state(self.layers)
+        trained = adapters.read_state(self.layers, adapter)
         update = ClientUpdate(
             client_id=cid,
             factors={m: s.factors for m, s in trained.items()},
@@ -157,10 +174,11 @@ class Simulation:
             rank=self.client_ranks[cid],
             label_histogram=torch.as_tensor(self.data.histograms[cid], dtype=torch.float64),
         )
-        head = {k: p.detach().clone() for k, p in self.heads.items()}
+        head = {k: p.detach().clone() for k, p in heads.items()}
+        adapters.activate(self.model, adapters.ADAPTER)
         return update, head, loss
 
-    def _proximal(self, start: dict[str, LoRAFactors]):
+    def _proximal(self, start: dict[str, LoRAFactors], adapter: str):
         mu = float(getattr(self.aggregator, "proximal_mu", 0.0))
         if mu <= 0:
             return None
@@ -169,8 +187,8 @@ class Simulation:
         def penalty() -> torch.Tensor:
             total = 0.0
             for layer, f in pairs:
-                B = layer.lora_B[adapters.ADAPTER].weight
-                A = layer.lora_A[adapters.ADAPTER].weight
+                B = layer.lora_B[adapter].weight
+                A = layer.lora_A[adapter].weight
                 total = total + f.scale**2 * lowrank.proximal_penalty(B, A, f.B, f.A)
             return 0.5 * mu * total
 
@@ -229,18 +247,19 @@ class Simulation:
             log.warning("round %d: every update was rejected; the global model is unchanged", round_idx + 1)
         self.corrections.append(corrections)
         self._install_global()
-        record.update(self.evaluate())
+        record.update(self.evaluate([u.client_id for u in updates]))
         record["round_time_s"] = time.perf_counter() - t0
         return record
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self) -> dict:
+    def evaluate(self, local_clients: list[str] = ()) -> dict:
+        """Global model on the dev split, and on the local test splits of ``local_clients``."""
         d = self.data
         logits, loss = predict(self.model, d.dev, np.arange(d.dev_size), self.cfg.eval.batch_size)
         out = {"metric_name": d.metric, "metric": score(d, logits, d.dev["labels"]), "eval_loss": loss}
         if self.cfg.eval.local:
             values = []
-            for cid in d.client_ids:
+            for cid in local_clients:
                 idx = d.test_indices[cid]
                 if len(idx):
                     lg, _ = predict(self.model, d.train, idx, self.cfg.eval.batch_size)

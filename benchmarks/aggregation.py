@@ -1,0 +1,657 @@
+"""Factored aggregation vs a dense reference: speed, peak memory and agreement, in one run.
+
+    .venv/bin/python benchmarks/aggregation.py            # full benchmark (a few minutes on 2 cores)
+    .venv/bin/python benchmarks/aggregation.py --quick    # tiny smoke version (seconds)
+    .venv/bin/python benchmarks/aggregation.py --out PATH # JSON elsewhere (default benchmarks/results/aggregation.json)
+
+What is measured
+----------------
+**Grid** (``d x d`` modules, ``d`` in {768, 2048, 4096}, ``K`` in {3, 10, 50} clients, LoRA rank ``r`` in
+{8, 16}, float32, plus the ``11008 x 4096`` MLP shape of the model below at ``K=10, r=16``). Clients hold
+``B_k = B0 + noise``, ``A_k = A0 + noise`` (a shared direction plus client drift, so the top-``r`` subspace is
+well separated and the agreement numbers mean something), data sizes drawn at random. Three paths:
+
+* ``aggregate``: the real library path, one FRA round with ``fold_tail=True`` through
+  ``get_aggregator("fra", fold_tail=True).aggregate(...)`` on one module: validation, ``M`` as stacked
+  factors, truncated SVD through the small core, the exact tail kept as factors, the aggregation error
+  ``||ideal - applied|| / ||ideal - start||`` and the next payloads.
+* ``truncate``: the bare factored truncated SVD, ``lowrank.truncate(lowrank.concat(updates, p), r)``.
+* ``dense``: the reference. ``M = sum_k p_k s B_k A_k`` formed as a ``d_out x d_in`` matrix (in-place
+  ``addmm_``), ``torch.linalg.svd(M, full_matrices=False)``, the balanced rank-``r`` head and the dense tail
+  ``M - head`` (what FRA with ``fold_tail`` folds into ``W``), in place on ``M``.
+
+Speed ratio = dense time / factored time and memory ratio = dense peak / factored peak, measured in the same
+process, one after the other, on the same inputs. Agreement: ``||H_dense - H||_F / ||H_dense||_F`` for the
+rank-``r`` reconstructions ``H`` of ``truncate`` and of ``aggregate`` (``s B A`` of the new global adapter),
+the largest singular-value difference relative to ``sigma_1``, and FRA's own aggregation error.
+
+**Model**: a LLaMA-7B-shaped adapter, 32 layers of q, k, v, o (4096 x 4096), gate, up (11008 x 4096) and
+down (4096 x 11008), 224 modules, ``K = 10`` clients, ``r = 16``, float32, one full ``aggregate`` round with
+FRA (``fold_tail=True``) and with HEXA (default options), each in its own process. The dense path is not run
+on the whole model (it would take ~an hour here); it is extrapolated from the measured dense time of one
+``4096 x 4096`` and one ``11008 x 4096`` module (``K=10, r=16``; a ``4096 x 11008`` module counts as
+``11008 x 4096``, the SVD of a transpose costing the same) times the module counts. A dense round done module
+by module needs at most the largest single-module peak at once (the tails folded into ``W`` in place), so
+that peak is the dense memory figure for the model.
+
+Timing
+------
+``time.perf_counter`` around each call. The machine is small and shared, so no fixed seconds are claimed
+as targets; ratios come from the same run, side by side. Small cases: median of several repeats after a
+warm-up (the paths are interleaved, so load spikes hit both). Large cases: fewer repeats; the dense SVD at
+``d = 4096`` (~10 s) and ``11008 x 4096`` (~20 s) runs once, and that one run gives both its time and its
+memory. Every path first runs once on a tiny module, so one-time library initialisation (MKL, code paths)
+is not charged to anybody. The load average before and after each measurement is recorded.
+
+Peak memory (CPU: torch keeps no allocator statistics)
+------------------------------------------------------
+Each grid configuration runs in a fresh subprocess (``--worker``). After imports, input creation and the
+warm-up, the kernel's resident-set high-water mark is reset (``echo 5 > /proc/self/clear_refs``, so
+``VmHWM`` restarts at the current ``VmRSS``); one call of a path runs; its peak is ``VmHWM - VmRSS_before``.
+That counts everything the call touches: torch tensors, LAPACK/MKL workspaces, Python objects. To keep one
+path's freed memory from hiding the next path's allocations, the memory runs use glibc's
+``mallopt(M_MMAP_THRESHOLD = 16 KiB)`` (every block of 16 KiB or more is a fresh ``mmap``, returned to the
+system on free) and ``MKL_DISABLE_FAST_MM=1`` (MKL does not cache buffers); the order is truncate,
+aggregate, dense. The timing repeats that follow switch the threshold to glibc's steady state (32 MiB), as
+a long-running process would have. Blocks under 16 KiB may still come from already-resident heap, so the
+smallest factored peaks are accurate to a few hundred KiB; they are never rounded down to zero for a ratio
+(a floor of one page, 4 KiB, and the table marks such ratios as lower bounds with ``>``). If ``clear_refs``
+is not writable the fallback is ``ru_maxrss`` after minus before (the same high-water mark, not reset;
+recorded in the JSON as ``memory_method``). The model rounds run with the default allocator (their blocks
+are MB-sized) in separate processes, one method each, and report the same ``VmHWM`` difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "aggregation.json"
+MIB = 1024 * 1024
+PAGE = 4096
+
+FULL_GRID = {"d": [768, 2048, 4096], "K": [3, 10, 50], "r": [8, 16]}
+QUICK_GRID = {"d": [128, 256], "K": [3, 10], "r": [8]}
+FULL_MODEL = {"layers": 32, "hidden": 4096, "intermediate": 11008, "K": 10, "r": 16}
+QUICK_MODEL = {"layers": 2, "hidden": 128, "intermediate": 344, "K": 10, "r": 16}
+TARGET_SPEEDUP = 100.0  # at d = 4096, K = 10 (both r)
+TARGET_MODEL_SECONDS = 60.0
+
+
+# =============================================================================== worker side
+# Everything below up to "driver side" runs in the fresh subprocess of one measurement.
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _mallopt(mmap_threshold: int, trim_threshold: int) -> bool:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    ok = libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)) == 1
+    return bool(libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)) == 1 and ok)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+class PeakMeter:
+    """Peak resident memory of one call: reset the kernel's high-water mark, run, read it."""
+
+    def __init__(self) -> None:
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+            _status_kib("VmHWM")
+            self.method = "VmHWM after clear_refs=5 minus VmRSS before"
+        except OSError:
+            self.method = "ru_maxrss after minus before (high-water mark not resettable)"
+
+    def start(self) -> None:
+        gc.collect()
+        if self.method.startswith("VmHWM"):
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+            self._base = _status_kib("VmRSS")
+        else:
+            import resource
+            self._base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def stop(self) -> int:
+        """Bytes above the baseline at the peak."""
+        if self.method.startswith("VmHWM"):
+            peak = _status_kib("VmHWM")
+        else:
+            import resource
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return max(0, peak - self._base) * 1024
+
+
+def _make_round(d_out: int, d_in: int, K: int, r: int, seed: int, scale: float = 2.0):
+    """Global adapter of one module and K client updates: shared direction plus client drift."""
+    import torch
+
+    from fedlora.types import ClientUpdate, LoRAFactors, ModuleState
+
+    gen = torch.Generator().manual_seed(seed)
+    B0 = torch.randn(d_out, r, generator=gen) * 0.02
+    A0 = torch.randn(r, d_in, generator=gen) / math.sqrt(d_in)
+    state = {"m": ModuleState(LoRAFactors(B0, A0, scale))}
+    sizes = torch.randint(50, 500, (K,), generator=gen).tolist()
+    updates = []
+    for k in range(K):
+        B = B0 + 0.5 * 0.02 * torch.randn(d_out, r, generator=gen)
+        A = A0 + (0.5 / math.sqrt(d_in)) * torch.randn(r, d_in, generator=gen)
+        updates.append(ClientUpdate(f"c{k}", {"m": LoRAFactors(B, A, scale)}, num_examples=int(sizes[k])))
+    return state, updates
+
+
+def _paths(state, updates, r):
+    import torch
+
+    from fedlora import lowrank
+    from fedlora.aggregators import get_aggregator
+    from fedlora.aggregators.base import data_weights
+
+    fra = get_aggregator("fra", fold_tail=True)
+    p = data_weights(updates)
+    factors = [u.factors["m"] for u in updates]
+    d_out, d_in = state["m"].factors.shape
+
+    def aggregate():
+        return fra.aggregate(state, updates, 0)
+
+    def truncate():
+        return lowrank.truncate(lowrank.concat([f.as_lowrank() for f in factors], p), r)
+
+    def dense():
+        M = torch.zeros(d_out, d_in, dtype=factors[0].B.dtype)
+        for pk, f in zip(p, factors):
+            M.addmm_(f.B, f.A, alpha=pk * f.scale)
+        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        root = S[:r].sqrt()
+        head_left, head_right = U[:, :r] * root, root[:, None] * Vh[:r]
+        del U, Vh
+        M.addmm_(head_left, head_right, alpha=-1.0)  # M is now the tail folded into W
+        return head_left, head_right, M, S
+
+    return {"truncate": truncate, "aggregate": aggregate, "dense": dense}
+
+
+def _loadavg() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+def worker_config(task: dict) -> dict:
+    """One grid configuration: memory of each path (fresh-mmap allocator), then timing repeats."""
+    mallopt_ok = _mallopt(16 * 1024, 16 * 1024)
+    import torch
+
+    from fedlora import lowrank
+
+    torch.set_grad_enabled(False)
+    d_out, d_in, K, r = task["d_out"], task["d_in"], task["K"], task["r"]
+    meter = PeakMeter()
+    # warm-up on a tiny module: library initialisation is charged to nobody
+    tiny_state, tiny_updates = _make_round(48, 40, min(K, 3), min(r, 8), seed=1)
+    for fn in _paths(tiny_state, tiny_updates, min(r, 8)).values():
+        fn()
+    state, updates = _make_round(d_out, d_in, K, r, seed=task["seed"])
+    paths = _paths(state, updates, r)
+    load_before = _loadavg()
+
+    peak, mem_time = {}, {}
+    for name in ("truncate", "aggregate", "dense"):
+        meter.start()
+        t0 = time.perf_counter()
+        out = paths[name]()
+        mem_time[name] = time.perf_counter() - t0
+        peak[name] = meter.stop()
+        del out
+        gc.collect()
+
+    # timing: allocator in its steady state, paths interleaved
+    _mallopt(32 * MIB, 64 * MIB)
+    times = {name: [] for name in paths}
+    for name in ("truncate", "aggregate"):
+        paths[name]()  # warm the heap at this size
+    for i in range(max(task["reps_factored"], task["reps_dense"])):
+        for name in ("truncate", "aggregate", "dense"):
+            reps = task["reps_dense"] if name == "dense" else task["reps_factored"]
+            if i < reps:
+                t0 = time.perf_counter()
+                paths[name]()
+                times[name].append(time.perf_counter() - t0)
+    for name in times:
+        if not times[name]:  # the single (memory) run is the timing
+            times[name] = [mem_time[name]]
+    load_after = _loadavg()
+
+    # agreement, untimed
+    head_left, head_right, tail_dense, S_dense = paths["dense"]()
+    H_dense = head_left @ head_right
+    ref = torch.linalg.matrix_norm(H_dense)
+    head, tail, tail_s = paths["truncate"]()
+    _, S_fact, _ = lowrank.svd(lowrank.concat([u.factors["m"].as_lowrank() for u in updates],
+                                              [float(w) for w in _weights(updates)]))
+    res = paths["aggregate"]()
+    g = res.global_state["m"].factors
+    n = min(S_fact.numel(), S_dense.numel())
+    agreement = {
+        "head_rel_diff_truncate": float(torch.linalg.matrix_norm(H_dense - head.dense()) / ref),
+        "head_rel_diff_aggregate": float(torch.linalg.matrix_norm(H_dense - g.delta()) / ref),
+        "singular_values_max_diff_rel": float((S_fact[:n] - S_dense[:n]).abs().max() / S_dense[0]),
+        "tail_norm_rel_diff": float(
+            abs(float(torch.linalg.matrix_norm(tail_dense)) - float(tail_s.double().square().sum().sqrt()))
+            / max(float(torch.linalg.matrix_norm(tail_dense)), 1e-30)
+        ),
+        "tail_rel_norm": float(torch.linalg.matrix_norm(tail_dense) / torch.linalg.matrix_norm(H_dense + tail_dense)),
+        "fra_aggregation_error": float(res.error),
+    }
+    return {
+        "d_out": d_out, "d_in": d_in, "K": K, "r": r, "label": task.get("label", ""),
+        "time_s": {k: statistics.median(v) for k, v in times.items()},
+        "time_min_s": {k: min(v) for k, v in times.items()},
+        "time_samples_s": times,
+        "memory_run_time_s": mem_time,
+        "peak_bytes": peak,
+        "agreement": agreement,
+        "repeats": {"factored": task["reps_factored"], "dense": task["reps_dense"]},
+        "memory_method": meter.method + (" (mallopt mmap threshold 16 KiB)" if mallopt_ok else " (mallopt failed)"),
+        "loadavg_1min": [load_before, load_after],
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _weights(updates):
+    from fedlora.aggregators.base import data_weights
+
+    return data_weights(updates)
+
+
+def _model_shapes(layers: int, hidden: int, inter: int) -> dict[str, tuple[int, int]]:
+    shapes = {}
+    for layer in range(layers):
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[f"layers.{layer}.self_attn.{name}"] = (hidden, hidden)
+        shapes[f"layers.{layer}.mlp.gate_proj"] = (inter, hidden)
+        shapes[f"layers.{layer}.mlp.up_proj"] = (inter, hidden)
+        shapes[f"layers.{layer}.mlp.down_proj"] = (hidden, inter)
+    return shapes
+
+
+def worker_model(task: dict) -> dict:
+    """One full-model round with one method; time and peak resident memory of the ``aggregate`` call."""
+    import torch
+
+    from fedlora.aggregators import get_aggregator
+    from fedlora.types import ClientUpdate, LoRAFactors, ModuleState
+
+    torch.set_grad_enabled(False)
+    K, r, scale = task["K"], task["r"], 2.0
+    shapes = _model_shapes(task["layers"], task["hidden"], task["intermediate"])
+    meter = PeakMeter()
+    agg = get_aggregator(task["method"], **task["options"])
+    # warm-up on a tiny two-module model
+    tiny_state, tiny_updates = _make_round(48, 40, 3, 8, seed=1)
+    agg.aggregate(tiny_state, tiny_updates, 0)
+
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(task["seed"])
+    state = {}
+    for name, (d_out, d_in) in shapes.items():
+        state[name] = ModuleState(LoRAFactors(torch.randn(d_out, r, generator=gen) * 0.02,
+                                              torch.randn(r, d_in, generator=gen) / math.sqrt(d_in), scale))
+    sizes = torch.randint(50, 500, (K,), generator=gen).tolist()
+    updates = []
+    for k in range(K):
+        factors = {}
+        for name, st in state.items():
+            f = st.factors
+            d_out, d_in = f.shape
+            B = torch.randn(d_out, r, generator=gen).mul_(0.5 * 0.02).add_(f.B)
+            A = torch.randn(r, d_in, generator=gen).mul_(0.5 / math.sqrt(d_in)).add_(f.A)
+            factors[name] = LoRAFactors(B, A, scale)
+        updates.append(ClientUpdate(f"c{k}", factors, num_examples=int(sizes[k])))
+    setup_s = time.perf_counter() - t0
+    input_bytes = sum(f.B.numel() + f.A.numel() for u in updates for f in u.factors.values()) * 4
+
+    load_before = _loadavg()
+    profile = None
+    meter.start()
+    if task.get("profile"):
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        prof.enable()
+        res = agg.aggregate(state, updates, 0)
+        prof.disable()
+        seconds = time.perf_counter() - t0
+        stats = pstats.Stats(prof)
+        rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:15]
+        profile = [{"function": f"{Path(fn).name}:{line}({func})", "calls": cc, "tottime_s": tt, "cumtime_s": ct}
+                   for (fn, line, func), (cc, _nc, tt, ct, _callers) in rows]
+    else:
+        t0 = time.perf_counter()
+        res = agg.aggregate(state, updates, 0)
+        seconds = time.perf_counter() - t0
+    peak = meter.stop()
+    load_after = _loadavg()
+    correction_numel = sum(c.left.numel() + c.right.numel() for c in res.corrections.values())
+    return {
+        "method": task["method"], "options": task["options"], "modules": len(shapes), "K": K, "r": r,
+        "seconds": seconds, "peak_bytes": peak, "setup_s": setup_s, "input_bytes": input_bytes,
+        "correction_factor_bytes": correction_numel * 4,
+        "aggregation_error": float(res.error), "max_module_error": max(res.errors.values()),
+        "profile_tottime": profile,
+        "memory_method": meter.method + " (default allocator)",
+        "loadavg_1min": [load_before, load_after],
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }
+
+
+# =============================================================================== driver side
+
+def _run_worker(kind: str, task: dict, timeout: float | None = None) -> dict:
+    env = dict(os.environ, MKL_DISABLE_FAST_MM="1", PYTHONPATH=str(ROOT / "src") + os.pathsep
+               + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, json.dumps(task)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return {"error": f"worker exited {proc.returncode}: {proc.stderr.strip()[-2000:]}", "task": task,
+                "worker_wall_s": wall}
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["worker_wall_s"] = wall
+    return out
+
+
+def _reps(d_max: int, quick: bool) -> tuple[int, int]:
+    """(factored repeats, dense repeats); dense 0 means its single memory run is also its timing."""
+    if quick:
+        return 3, 1
+    if d_max <= 1024:
+        return 7, 5
+    if d_max <= 2048:
+        return 5, 2
+    return 3, 0
+
+
+def _fmt_ms(s: float | None) -> str:
+    if s is None or not math.isfinite(s):
+        return "-"
+    ms = s * 1e3
+    return f"{ms:,.0f}" if ms >= 100 else f"{ms:.2f}" if ms < 10 else f"{ms:.1f}"
+
+
+def _fmt_mib(b: float | None) -> str:
+    if b is None:
+        return "-"
+    return f"{b / MIB:,.1f}" if b >= 0.1 * MIB else f"{b / MIB:.2f}"
+
+
+def _ratio(num: float, den: float, floor: float = 0.0) -> tuple[float, bool]:
+    """``num / max(den, floor)``; the flag says the floor was used (the ratio is a lower bound)."""
+    bound = den < floor
+    return num / max(den, floor, 1e-300), bound
+
+
+def _fmt_ratio(value: float, lower_bound: bool = False) -> str:
+    if not math.isfinite(value):
+        return "-"
+    text = f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+    return (">" if lower_bound else "") + text + "x"
+
+
+def _summarise_config(res: dict) -> dict:
+    t, m = res["time_s"], res["peak_bytes"]
+    s_agg, _ = _ratio(t["dense"], t["aggregate"])
+    s_tr, _ = _ratio(t["dense"], t["truncate"])
+    m_agg, lb_agg = _ratio(m["dense"], m["aggregate"], PAGE)
+    m_tr, lb_tr = _ratio(m["dense"], m["truncate"], PAGE)
+    res["ratios"] = {
+        "speed_dense_over_aggregate": s_agg, "speed_dense_over_truncate": s_tr,
+        "memory_dense_over_aggregate": m_agg, "memory_dense_over_truncate": m_tr,
+        "memory_ratio_is_lower_bound": {"aggregate": lb_agg, "truncate": lb_tr},
+    }
+    return res
+
+
+def _grid_table(rows: list[dict]):
+    from rich.table import Table
+
+    table = Table(title="Factored (FRA fold_tail aggregate / bare truncated SVD) vs dense reference, float32",
+                  show_lines=False)
+    for col, just in [("d_out x d_in", "right"), ("K", "right"), ("r", "right"),
+                      ("aggregate ms", "right"), ("truncate ms", "right"), ("dense ms", "right"),
+                      ("speed agg", "right"), ("speed svd", "right"),
+                      ("peak agg MiB", "right"), ("peak svd MiB", "right"), ("peak dense MiB", "right"),
+                      ("mem agg", "right"), ("mem svd", "right"),
+                      ("rel diff", "right"), ("FRA err", "right")]:
+        table.add_column(col, justify=just)
+    for res in rows:
+        if "error" in res:
+            t = res["task"]
+            table.add_row(f"{t['d_out']}x{t['d_in']}", str(t["K"]), str(t["r"]), "[red]failed[/red]",
+                          *["-"] * 11)
+            continue
+        t, m, q, a = res["time_s"], res["peak_bytes"], res["ratios"], res["agreement"]
+        lb = q["memory_ratio_is_lower_bound"]
+        rel = max(a["head_rel_diff_truncate"], a["head_rel_diff_aggregate"])
+        table.add_row(
+            f"{res['d_out']}x{res['d_in']}", str(res["K"]), str(res["r"]),
+            _fmt_ms(t["aggregate"]), _fmt_ms(t["truncate"]), _fmt_ms(t["dense"]),
+            _fmt_ratio(q["speed_dense_over_aggregate"]), _fmt_ratio(q["speed_dense_over_truncate"]),
+            _fmt_mib(m["aggregate"]), _fmt_mib(m["truncate"]), _fmt_mib(m["dense"]),
+            _fmt_ratio(q["memory_dense_over_aggregate"], lb["aggregate"]),
+            _fmt_ratio(q["memory_dense_over_truncate"], lb["truncate"]),
+            f"{rel:.1e}", f"{a['fra_aggregation_error']:.1e}",
+        )
+    return table
+
+
+def _model_table(model: dict):
+    from rich.table import Table
+
+    cfg = model["config"]
+    table = Table(title=(f"Full model round: {cfg['layers']} layers x (q,k,v,o {cfg['hidden']}x{cfg['hidden']}; "
+                         f"gate,up {cfg['intermediate']}x{cfg['hidden']}; down {cfg['hidden']}x{cfg['intermediate']})"
+                         f" = {model['modules']} modules, K={cfg['K']}, r={cfg['r']}, float32"))
+    for col in ("method", "round s", "dense extrap. s", "speed", "peak MiB", "dense peak MiB", "mem",
+                "agg. error", f"< {TARGET_MODEL_SECONDS:.0f} s"):
+        table.add_column(col, justify="right")
+    dense = model["dense_extrapolated"]
+    for name, res in model["methods"].items():
+        if "error" in res:
+            table.add_row(name, "[red]failed[/red]", *["-"] * 7)
+            continue
+        ok = res["seconds"] < TARGET_MODEL_SECONDS
+        table.add_row(
+            name, f"{res['seconds']:.1f}", f"{dense['seconds']:.0f}", _fmt_ratio(res["speed_ratio"]),
+            _fmt_mib(res["peak_bytes"]), _fmt_mib(dense["peak_bytes"]), _fmt_ratio(res["memory_ratio"]),
+            f"{res['aggregation_error']:.1e}", "[green]yes[/green]" if ok else "[red]no[/red]",
+        )
+    return table
+
+
+def _finite(obj):
+    """JSON without NaN/Infinity: non-finite floats become null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def run(args) -> dict:
+    from rich.console import Console
+
+    console = Console(width=max(Console().width, 170))
+    started = time.perf_counter()
+    grid = QUICK_GRID if args.quick else FULL_GRID
+    model_cfg = dict(QUICK_MODEL if args.quick else FULL_MODEL)
+    meta = {
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "quick": args.quick, "python": platform.python_version(), "platform": platform.platform(),
+        "cpu_count": os.cpu_count(), "loadavg_1min_start": _loadavg(),
+        "mem_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        "dtype": "float32",
+    }
+
+    # ---- grid, plus the model's non-square shapes (dense extrapolation needs them)
+    tasks = [{"d_out": d, "d_in": d, "K": K, "r": r} for d in grid["d"] for K in grid["K"] for r in grid["r"]]
+    h, i = model_cfg["hidden"], model_cfg["intermediate"]
+    extra_shapes = {(h, h), (i, h)}  # (h, i) counts as (i, h)
+    for shape in sorted(extra_shapes):
+        if not any((t["d_out"], t["d_in"], t["K"], t["r"]) == (*shape, model_cfg["K"], model_cfg["r"]) for t in tasks):
+            tasks.append({"d_out": shape[0], "d_in": shape[1], "K": model_cfg["K"], "r": model_cfg["r"],
+                          "label": "model shape"})
+    results = []
+    for n, task in enumerate(tasks, 1):
+        reps_f, reps_d = _reps(max(task["d_out"], task["d_in"]), args.quick)
+        task.update(seed=1000 + n, reps_factored=reps_f, reps_dense=reps_d)
+        console.print(f"[dim]\\[{n}/{len(tasks)}] {task['d_out']}x{task['d_in']} K={task['K']} r={task['r']} "
+                      f"(repeats: factored {reps_f}, dense {max(reps_d, 1)}) ...[/dim]", highlight=False)
+        res = _run_worker("config", task)
+        results.append(_summarise_config(res) if "error" not in res else res)
+        if "error" in res:
+            console.print(f"[red]{res['error']}[/red]")
+
+    # ---- full model
+    def dense_for(shape):
+        key = tuple(sorted(shape, reverse=True))
+        for res in results:
+            if "error" not in res and (res["d_out"], res["d_in"]) == key and \
+                    (res["K"], res["r"]) == (model_cfg["K"], model_cfg["r"]):
+                return res
+        return None
+
+    shapes = _model_shapes(model_cfg["layers"], h, i)
+    counts: dict[tuple[int, int], int] = {}
+    for shape in shapes.values():
+        key = tuple(sorted(shape, reverse=True))
+        counts[key] = counts.get(key, 0) + 1
+    dense_parts = {f"{k[0]}x{k[1]}": {"count": c, "seconds_each": (dense_for(k) or {}).get("time_s", {}).get("dense"),
+                                      "peak_bytes_each": (dense_for(k) or {}).get("peak_bytes", {}).get("dense")}
+                   for k, c in counts.items()}
+    have = all(p["seconds_each"] is not None for p in dense_parts.values())
+    dense_extrap = {
+        "seconds": sum(p["count"] * p["seconds_each"] for p in dense_parts.values()) if have else float("nan"),
+        "peak_bytes": max(p["peak_bytes_each"] for p in dense_parts.values()) if have else None,
+        "parts": dense_parts,
+        "how": "sum over module shapes of (count x measured dense time of one module, K and r as the model); "
+               "peak = largest single-module dense peak (modules done one at a time, tails folded in place)",
+    }
+    methods = {"fra": {"fold_tail": True}, "hexa": {}}
+    model = {"config": model_cfg, "modules": len(shapes), "dense_extrapolated": dense_extrap, "methods": {}}
+    if not args.no_model:
+        for name, options in methods.items():
+            console.print(f"[dim]model round: {name} {options} over {len(shapes)} modules ...[/dim]", highlight=False)
+            task = dict(model_cfg, method=name, options=options, seed=7, profile=args.profile)
+            res = _run_worker("model", task)
+            if "error" not in res:
+                res["speed_ratio"] = dense_extrap["seconds"] / res["seconds"]
+                res["memory_ratio"] = (dense_extrap["peak_bytes"] / max(res["peak_bytes"], PAGE)
+                                       if dense_extrap["peak_bytes"] is not None else float("nan"))
+            else:
+                console.print(f"[red]{res['error']}[/red]")
+            model["methods"][name] = res
+
+    # ---- targets
+    ok_rows = [r for r in results if "error" not in r]
+    big = [r for r in ok_rows if r["d_out"] == r["d_in"] == 4096 and r["K"] == 10]
+    targets = {
+        "speedup_at_d4096_K10": {
+            "target": f">= {TARGET_SPEEDUP:.0f}x (library aggregate path, each r)",
+            "values": {f"r={r['r']}": {"aggregate": r["ratios"]["speed_dense_over_aggregate"],
+                                        "truncate": r["ratios"]["speed_dense_over_truncate"]} for r in big},
+            "met": bool(big) and all(r["ratios"]["speed_dense_over_aggregate"] >= TARGET_SPEEDUP for r in big),
+        } if not args.quick else {"target": "n/a in --quick"},
+        "model_round_seconds": {
+            "target": f"< {TARGET_MODEL_SECONDS:.0f} s per round (this machine, measured)",
+            "values": {k: v.get("seconds") for k, v in model["methods"].items()},
+            "met": bool(model["methods"]) and all("error" not in v and v["seconds"] < TARGET_MODEL_SECONDS
+                                                  for v in model["methods"].values()),
+        } if not args.quick and not args.no_model else {"target": "n/a in --quick / --no-model"},
+    }
+    meta["loadavg_1min_end"] = _loadavg()
+    meta["total_seconds"] = time.perf_counter() - started
+    first = next((r for r in ok_rows), {})
+    meta["torch"] = first.get("torch")
+    meta["threads"] = first.get("threads")
+    meta["memory_method"] = first.get("memory_method")
+    report = {"meta": meta, "grid": results, "model": model, "targets": targets}
+
+    console.print(_grid_table(results))
+    console.print("speed = dense time / factored time; mem = dense peak / factored peak (resident memory above "
+                  "the process baseline, fresh process per configuration); rel diff = max over truncate and "
+                  "aggregate of ||H_dense - H||_F / ||H_dense||_F (rank-r reconstructions); FRA err = the round's "
+                  "aggregation error (fold_tail, exact up to rounding).", highlight=False)
+    if model["methods"]:
+        console.print(_model_table(model))
+        parts = ", ".join(f"{k}: {v['count']} x {v['seconds_each']:.2f} s" for k, v in dense_parts.items()
+                          if v["seconds_each"] is not None)
+        console.print(f"dense extrapolated = {parts} (measured above, one module each)", highlight=False)
+    for key, tgt in targets.items():
+        if "met" in tgt:
+            console.print(f"target {key}: {tgt['target']}: "
+                          + ("[green]met[/green]" if tgt["met"] else "[red]NOT met[/red]"))
+    console.print(f"torch {meta['torch']}, {meta['threads']} threads, {meta['cpu_count']} CPUs; load average "
+                  f"{meta['loadavg_1min_start']:.2f} at start, {meta['loadavg_1min_end']:.2f} at end; total "
+                  f"{meta['total_seconds']:.0f} s", highlight=False)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(_finite(report), indent=2) + "\n")
+    console.print(f"wrote {out}", highlight=False)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny smoke version (seconds)")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="JSON output path (default %(default)s)")
+    parser.add_argument("--no-model", action="store_true", help="skip the full-model rounds")
+    parser.add_argument("--profile", action="store_true",
+                        help="cProfile the model rounds (top functions go to the JSON; adds overhead)")
+    parser.add_argument("--worker", nargs=2, metavar=("KIND", "TASK_JSON"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        kind, task = args.worker[0], json.loads(args.worker[1])
+        result = worker_config(task) if kind == "config" else worker_model(task)
+        print(json.dumps(result, default=float))
+        return 0
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
