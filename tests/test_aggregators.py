@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from fedlora import AGGREGATORS, ClientUpdate, LoRAFactors, ModuleState, get_aggregator, lowrank
@@ -107,8 +107,9 @@ class Scenario:
 
 
 def build(agg, spec: Spec, dtype: torch.dtype, round_idx: int = 0,
-          global_state: dict[str, ModuleState] | None = None, W: dict[str, torch.Tensor] | None = None) -> Scenario:
-    """A global state, a frozen ``W`` per module (both random unless given), and one trained update per client.
+          global_state: dict[str, ModuleState] | None = None,
+          W: dict[str, torch.Tensor] | None = None) -> Scenario:
+    """A global state, a frozen ``W`` per module (random unless given), and one trained update per client.
 
     Client ``k`` of rank ``r_k`` starts from ``agg.payload(global, r_k)`` and moves each factor it trains by a
     random amount (a factor the method freezes, e.g. FFA's ``A``, stays the payload's).
@@ -274,7 +275,8 @@ def assert_weights(res: AggregationResult, sc: Scenario, expected: list[float]):
     rtol = 1e-9 if sc.dtype == F64 else 1e-5
     assert list(res.weights) == [u.client_id for u in sc.updates]
     for cid, want in zip(res.weights, expected):
-        assert math.isclose(res.weights[cid], want, rel_tol=rtol, abs_tol=1e-15), (cid, res.weights[cid], want)
+        got = res.weights[cid]
+        assert math.isclose(got, want, rel_tol=rtol, abs_tol=1e-15), (cid, got, want)
 
 
 def factor_mean(sc: Scenario, m: str, q) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,7 +328,7 @@ def test_exact_methods_reproduce_the_ideal_weighted_average(method, options, rou
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
 @given(spec=specs(hetero=True))
 def test_ffa_keeps_a_and_averages_b(dtype, spec):
-    """FFA: ``A`` stays the global ``A`` (also with heterogeneous ranks) and ``s B = sum_k p_k s_k pad(B_k)``."""
+    """FFA: ``A`` stays the global ``A`` (also with heterogeneous ranks), ``s B = sum_k p_k s_k pad(B_k)``."""
     agg = get_aggregator("ffa")
     assert agg.trains(0) == (False, True)
     sc = build(agg, spec, dtype)
@@ -357,7 +359,7 @@ def test_ffa_ignores_the_a_a_client_sends():
         assert res.bytes_up[u.client_id] == 8 * u.factors["q"].B.numel()
 
 
-# ====================================================================== 2. inexact methods: the error is right
+# ================================================================= 2. inexact methods: the error is right
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
 @given(spec=specs())
@@ -433,7 +435,8 @@ def test_hetlora_factors_and_error_match_dense(dtype, spec):
     res = agg.aggregate(sc.global_state, sc.updates)
     assert res.corrections == {}
     # q_k ~ ||client k's update||_F over all modules.
-    norms = [math.sqrt(sum(fro(client_full(sc, k, m)) ** 2 for m in sc.names)) for k in range(len(sc.updates))]
+    norms = [math.sqrt(sum(fro(client_full(sc, k, m)) ** 2 for m in sc.names))
+             for k in range(len(sc.updates))]
     q = [x / sum(norms) for x in norms]
     app = {}
     for m in sc.names:
@@ -462,7 +465,8 @@ def test_every_registered_method_is_covered():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
-@pytest.mark.parametrize(("method", "options"), ALL_CONFIGS, ids=[f"{n}-{i}" for i, (n, _) in enumerate(ALL_CONFIGS)])
+@pytest.mark.parametrize(("method", "options"), ALL_CONFIGS,
+                         ids=[f"{n}-{i}" for i, (n, _) in enumerate(ALL_CONFIGS)])
 @given(spec=specs(ks=(1,)))
 def test_single_client_is_exact_for_every_method(method, options, dtype, spec):
     agg = get_aggregator(method, **options)
@@ -491,7 +495,8 @@ def test_hexa_weights_favour_the_consensus_client():
     g = LoRAFactors(torch.zeros(d, r, dtype=F64), torch.eye(r, d, dtype=F64), 1.0)
     gs = {"m": ModuleState(g)}
     e = torch.eye(d, dtype=F64)[:, :1]
-    ups = [ClientUpdate("a", {"m": LoRAFactors(e, g.A, 1.0)}, 10), ClientUpdate("b", {"m": LoRAFactors(e, g.A, 1.0)}, 10),
+    ups = [ClientUpdate("a", {"m": LoRAFactors(e, g.A, 1.0)}, 10),
+           ClientUpdate("b", {"m": LoRAFactors(e, g.A, 1.0)}, 10),
            ClientUpdate("odd", {"m": LoRAFactors(-e, g.A, 1.0)}, 10)]
     res = get_aggregator("hexa", beta=1.0).aggregate(gs, ups)
     # Ubar = e/3 e1^T: cos = 1 for a, b; -1 for odd. p ~ (1, 1, e^-2).
@@ -509,7 +514,8 @@ def test_hexa_label_kl_weights_by_hand():
     pooled = [9 / 24, 8 / 24, 7 / 24]
     kl = [
         0.8 * math.log(0.8 / pooled[0]) + 0.2 * math.log(0.2 / pooled[1]),
-        0.25 * math.log(0.25 / pooled[0]) + 0.25 * math.log(0.25 / pooled[1]) + 0.5 * math.log(0.5 / pooled[2]),
+        0.25 * math.log(0.25 / pooled[0]) + 0.25 * math.log(0.25 / pooled[1])
+        + 0.5 * math.log(0.5 / pooled[2]),
         0.5 * math.log(0.5 / pooled[1]) + 0.5 * math.log(0.5 / pooled[2]),
     ]
     raw = [n / 100 * math.exp(-beta * d) for n, d in zip(sizes, kl)]
@@ -517,7 +523,8 @@ def test_hexa_label_kl_weights_by_hand():
     assert want == pytest.approx(hexa_label_kl_weights(hists, [0.1, 0.4, 0.5], beta), rel=1e-14)
 
     gen = torch.Generator().manual_seed(5)
-    g = LoRAFactors(torch.randn(3, 2, generator=gen, dtype=F64), torch.randn(2, 4, generator=gen, dtype=F64), 0.5)
+    g = LoRAFactors(torch.randn(3, 2, generator=gen, dtype=F64),
+                    torch.randn(2, 4, generator=gen, dtype=F64), 0.5)
     gs = {"m": ModuleState(g)}
     ups = [
         ClientUpdate(f"c{k}", {"m": LoRAFactors(g.B + torch.randn(3, 2, generator=gen, dtype=F64),
@@ -559,14 +566,16 @@ def test_hexa_with_every_part_off_is_fedex(dtype, spec):
         ph, pf = hexa.payload(sc.global_state, r), fedex.payload(sc.global_state, r)
         for m in sc.names:
             assert ph[m].frozen is None
-            assert torch.equal(ph[m].adapter.B, pf[m].adapter.B) and torch.equal(ph[m].adapter.A, pf[m].adapter.A)
+            assert torch.equal(ph[m].adapter.B, pf[m].adapter.B)
+            assert torch.equal(ph[m].adapter.A, pf[m].adapter.A)
     a = hexa.aggregate(sc.global_state, sc.updates)
     b = fedex.aggregate(sc.global_state, sc.updates)
     assert a.weights == b.weights
     tol = EXACT_TOL[dtype]
     for m in sc.names:
         ga, gb = a.global_state[m].factors, b.global_state[m].factors
-        assert torch.allclose(ga.B, gb.B, rtol=tol, atol=tol) and torch.allclose(ga.A, gb.A, rtol=tol, atol=tol)
+        assert torch.allclose(ga.B, gb.B, rtol=tol, atol=tol)
+        assert torch.allclose(ga.A, gb.A, rtol=tol, atol=tol)
         zero = torch.zeros(ga.shape, dtype=F64)
         ca = d64(a.corrections[m].dense()) if m in a.corrections else zero
         cb = d64(b.corrections[m].dense()) if m in b.corrections else zero
@@ -660,7 +669,8 @@ def test_fedex_conv1d_hand_case_needs_the_transpose():
                                 "conv1d")}
     ups = [ClientUpdate("a", {"c_attn": LoRAFactors(torch.tensor([[2.0], [0.0]], dtype=F64),
                                                     torch.tensor([[0.0, 2.0]], dtype=F64), 1.0)}, 1),
-           ClientUpdate("b", {"c_attn": LoRAFactors(torch.zeros(2, 1, dtype=F64), torch.zeros(1, 2, dtype=F64), 1.0)}, 1)]
+           ClientUpdate("b", {"c_attn": LoRAFactors(torch.zeros(2, 1, dtype=F64),
+                                                    torch.zeros(1, 2, dtype=F64), 1.0)}, 1)]
     res = get_aggregator("fedex").aggregate(gs, ups)
     # B = (1, 0)^T, A = (0, 1): B A = [[0, 1], [0, 0]]; ideal = 1/2 [[0, 4], [0, 0]] = [[0, 2], [0, 0]];
     # residual R = [[0, 1], [0, 0]] (linear orientation); Conv1D storage gets R^T = [[0, 0], [1, 0]].
@@ -675,7 +685,8 @@ def test_fedex_conv1d_hand_case_needs_the_transpose():
 # ====================================================================== 6. hand-computed rounds
 
 def _two_clients(scale: float, sizes=(1, 3)):
-    gs = {"q": ModuleState(LoRAFactors(torch.zeros(2, 1, dtype=F64), torch.tensor([[1.0, 1.0]], dtype=F64), scale))}
+    g0 = LoRAFactors(torch.zeros(2, 1, dtype=F64), torch.tensor([[1.0, 1.0]], dtype=F64), scale)
+    gs = {"q": ModuleState(g0)}
     ups = [
         ClientUpdate("alice", {"q": LoRAFactors(torch.tensor([[1.0], [0.0]], dtype=F64),
                                                 torch.tensor([[1.0, 2.0]], dtype=F64), scale)}, sizes[0]),
@@ -734,7 +745,7 @@ def test_fedit_equal_weights_orthogonal_clients_by_hand():
     assert res.error == pytest.approx(math.sqrt(0.5), rel=1e-12)
 
 
-# ====================================================================== 7. FRA splits and the FRA -> FFA schedule
+# ================================================================ 7. FRA splits and the FRA -> FFA schedule
 
 @pytest.mark.parametrize("split", ["balanced", "left", "right"])
 def test_fra_split_puts_the_singular_values_where_it_says(split):
@@ -785,6 +796,20 @@ def test_fra_then_ffa_schedule():
                 assert res.bytes_up[u.client_id] == 8 * sum(f.B.numel() for f in u.factors.values())
             assert res.corrections == {}
         state = res.global_state
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+def test_fra_switch_gives_orthonormal_rows_even_when_the_mean_has_low_rank(dtype):
+    """One client of rank 1, global rank 3: M has rank 1, two slots of the new adapter are empty. A freezes
+    after this round, so every row must still be orthonormal, and the product still the top-3 of M."""
+    agg = get_aggregator("fra", ffa_after=1)
+    spec = Spec((("q", 7, 6, "linear"), ("v", 5, 8, "conv1d")), 3, (1,), "uniform", 3.0, 13)
+    sc = build(agg, spec, dtype)
+    res = agg.aggregate(sc.global_state, sc.updates, 0)
+    for m in sc.names:
+        A = d64(res.global_state[m].factors.A)
+        assert fro(A @ A.mT - torch.eye(3, dtype=F64)) <= 100 * EXACT_TOL[dtype]
+    assert_exact(sc, res, [1.0])  # rank-1 mean, rank-3 adapter: nothing dropped
 
 
 def test_fra_rejects_bad_options():

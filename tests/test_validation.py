@@ -26,16 +26,17 @@ SCALE = 2.0
 def global_state() -> dict[str, ModuleState]:
     gen = torch.Generator().manual_seed(0)
     return {
-        m: ModuleState(LoRAFactors(torch.randn(D_OUT[m], RANK, generator=gen), torch.randn(RANK, D_IN[m], generator=gen),
-                                   SCALE), "conv1d" if m == "v_proj" else "linear")
+        m: ModuleState(LoRAFactors(torch.randn(D_OUT[m], RANK, generator=gen),
+                                   torch.randn(RANK, D_IN[m], generator=gen), SCALE),
+                       "conv1d" if m == "v_proj" else "linear")
         for m in D_OUT
     }
 
 
 def good_factors(seed: int, rank: int = RANK) -> dict[str, LoRAFactors]:
     gen = torch.Generator().manual_seed(seed)
-    return {m: LoRAFactors(torch.randn(D_OUT[m], rank, generator=gen), torch.randn(rank, D_IN[m], generator=gen),
-                           SCALE * RANK / rank) for m in D_OUT}
+    return {m: LoRAFactors(torch.randn(D_OUT[m], rank, generator=gen),
+                           torch.randn(rank, D_IN[m], generator=gen), SCALE * RANK / rank) for m in D_OUT}
 
 
 def good_round() -> list[ClientUpdate]:
@@ -81,7 +82,7 @@ def test_the_good_round_is_accepted(agg):
     ("q_proj", lambda f: {"B": torch.randn(D_OUT["q_proj"] + 1, RANK)}, "shape mismatch"),   # wrong d_out
     ("v_proj", lambda f: {"A": torch.randn(RANK, D_IN["v_proj"] - 2)}, "shape mismatch"),    # wrong d_in
     ("v_proj", lambda f: {"A": f.A.mT.contiguous()[: RANK]}, "shape mismatch"),             # transposed A
-    ("q_proj", lambda f: {"A": torch.randn(RANK - 1, D_IN["q_proj"])}, "shape mismatch"),   # B, A do not chain
+    ("q_proj", lambda f: {"A": torch.randn(RANK - 1, D_IN["q_proj"])}, "shape mismatch"),   # do not chain
     ("q_proj", lambda f: {"B": f.B.flatten()}, "2-D"),                                      # 1-D factor
     ("v_proj", lambda f: {"A": f.A[None]}, "2-D"),                                          # 3-D factor
 ])
@@ -151,7 +152,8 @@ def test_factors_that_are_not_tensors(agg):
 # ------------------------------------------------------------------ non-finite values
 
 @pytest.mark.parametrize(("module", "factor", "value"), [
-    ("q_proj", "B", math.nan), ("q_proj", "A", math.inf), ("v_proj", "B", -math.inf), ("v_proj", "A", math.nan),
+    ("q_proj", "B", math.nan), ("q_proj", "A", math.inf),
+    ("v_proj", "B", -math.inf), ("v_proj", "A", math.nan),
 ])
 def test_nan_or_inf_in_a_factor(agg, module, factor, value):
     ups = good_round()

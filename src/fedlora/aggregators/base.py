@@ -68,7 +68,8 @@ def validate_update(global_state: GlobalState, update: ClientUpdate) -> ClientUp
         d_out, d_in = ref.shape
         if not isinstance(f, LoRAFactors) or not isinstance(f.B, Tensor) or not isinstance(f.A, Tensor):
             raise AggregationInputError(
-                f"expected LoRAFactors with tensor B and A, got {type(f).__name__}", client_id=cid, module=name
+                f"expected LoRAFactors with tensor B and A, got {type(f).__name__}",
+                client_id=cid, module=name,
             )
         if f.B.ndim != 2 or f.A.ndim != 2:
             raise AggregationInputError("factors must be 2-D", client_id=cid, module=name)
@@ -233,7 +234,8 @@ class Aggregator(ABC):
         corrections = {m: c for m, c in corrections.items() if c.rank > 0}
 
         # The error is measured in float64 from the stored factors: in float32 the cancellation in
-        # ``ideal - applied`` would otherwise leave rounding noise (~1e-5 relative) in an exact method's error.
+        # ``ideal - applied`` would otherwise leave rounding noise (~1e-5 relative) in an exact method's
+        # error.
         errors, num_sq, den_sq = {}, 0.0, 0.0
         for m, state in global_state.items():
             ideal = lowrank.concat([as_lowrank64(rnd.trained[k][m], rnd.payloads[k][m].frozen)

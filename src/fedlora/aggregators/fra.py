@@ -18,6 +18,9 @@ being silent on it.
 
 from __future__ import annotations
 
+import torch
+
+from ..types import LoRAFactors
 from .base import Aggregator, Round, frozen_a_mean, refactorized, register
 
 
@@ -44,10 +47,35 @@ class FRALoRA(Aggregator):
     def _combine(self, rnd: Round):
         if not self.trains(rnd.round_idx)[0]:  # FFA phase: A is frozen, B averages exactly
             return {m: frozen_a_mean(rnd, m) for m in rnd.modules}, {}
-        split = "left" if self.ffa_after is not None and rnd.round_idx == self.ffa_after - 1 else self.split
+        switch = self.ffa_after is not None and rnd.round_idx == self.ffa_after - 1
+        split = "left" if switch else self.split
         factors, corrections = {}, {}
         for m in rnd.modules:
             factors[m], tail = refactorized(rnd, m, split)
+            if switch:
+                factors[m] = _orthonormal_free_rows(factors[m])
             if self.fold_tail:
                 corrections[m] = tail
         return factors, corrections
+
+
+def _orthonormal_free_rows(f: LoRAFactors) -> LoRAFactors:
+    """Make ``A``'s rows orthonormal where ``B``'s column is zero (so the product does not change).
+
+    When ``M`` has rank below ``r`` the SVD leaves empty slots, which :func:`revive_dead_ranks` fills with
+    random rows; ``A`` is about to freeze for good, and the schedule promises orthonormal rows. Those free
+    rows are replaced by an orthonormal basis of part of the live rows' orthogonal complement (impossible,
+    and left alone, when ``d_in < r``).
+    """
+    free = f.B.abs().sum(0) == 0
+    r, d_in = f.A.shape
+    if not bool(free.any()) or d_in < r:
+        return f
+    A = f.A.clone()
+    live = A[~free]  # orthonormal rows (the ``(U S, V^T)`` split)
+    fresh = A[free]
+    for _ in range(2):  # project out the live rows; twice for orthogonality to working precision
+        fresh = fresh - (fresh @ live.mT) @ live
+    q, _ = torch.linalg.qr(fresh.mT)  # (d_in, n_free), orthonormal columns
+    A[free] = q.mT
+    return LoRAFactors(f.B, A, f.scale)

@@ -109,8 +109,10 @@ class HEXA(Aggregator):
             h = torch.as_tensor(u.label_histogram, dtype=torch.float64).flatten()
             if (h.numel() != (hists[0].numel() if hists else h.numel()) or not torch.isfinite(h).all()
                     or (h < 0).any() or h.sum() <= 0):
-                raise AggregationInputError("label_histogram must be finite, non-negative, non-empty and of one length",
-                                            client_id=u.client_id)
+                raise AggregationInputError(
+                    "label_histogram must be finite, non-negative, non-empty and of one length",
+                    client_id=u.client_id,
+                )
             hists.append(h)
         pooled = torch.stack(hists).sum(0)
         pooled = pooled / pooled.sum()
