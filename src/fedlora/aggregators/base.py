@@ -192,17 +192,16 @@ class Aggregator(ABC):
         Default: the global adapter itself at full rank; at a lower rank its first ``rank`` components,
         with the scale ``alpha / r`` kept in the product (so the client's update is still inexact there).
         """
-        out = {}
-        for name, state in global_state.items():
-            g = state.factors
-            if rank == g.rank:
-                out[name] = ClientPayload(g)
-                continue
-            client_scale = g.scale * g.rank / rank  # alpha / r_k with alpha = scale * r
-            out[name] = ClientPayload(
-                LoRAFactors(g.B[:, :rank] * (g.scale / client_scale), g.A[:rank].clone(), client_scale)
-            )
-        return out
+        return {
+            name: ClientPayload(s.factors) if rank == s.factors.rank else self._lower_rank_payload(s.factors, rank)
+            for name, s in global_state.items()
+        }
+
+    def _lower_rank_payload(self, g: LoRAFactors, rank: int) -> ClientPayload:
+        """A client of rank ``rank < r``: the first ``rank`` components, the product's scale kept."""
+        client_scale = g.scale * g.rank / rank  # alpha / r_k with alpha = scale * r
+        B = g.B[:, :rank] * (g.scale / client_scale)
+        return ClientPayload(LoRAFactors(B, g.A[:rank].clone(), client_scale))
 
     def client_weights(self, rnd: Round) -> list[float]:
         """The round's ``p_k``; default: by data size (or the explicit weights)."""

@@ -27,10 +27,9 @@ import math
 import torch
 
 from .. import lowrank
-from ..types import AggregationInputError, ClientPayload
+from ..types import AggregationInputError, ClientPayload, LoRAFactors
 from .base import (
     Aggregator,
-    GlobalState,
     Round,
     as_lowrank64,
     exact_residual,
@@ -135,16 +134,10 @@ class HEXA(Aggregator):
                 corrections[m] = exact_residual(rnd, m, factors[m])
         return factors, corrections
 
-    def payload(self, global_state: GlobalState, rank: int, round_idx: int = 0) -> dict[str, ClientPayload]:
+    def _lower_rank_payload(self, g: LoRAFactors, rank: int) -> ClientPayload:
         if not self.rank_exact:
-            return super().payload(global_state, rank, round_idx)
-        out = {}
-        for name, state in global_state.items():
-            g = state.factors
-            if rank == g.rank:
-                out[name] = ClientPayload(g)
-                continue
-            head, tail, _ = lowrank.truncate(g.as_lowrank(), rank)
-            client_scale = g.scale * g.rank / rank  # alpha / r_k
-            out[name] = ClientPayload(lowrank.factors_from_product(head, client_scale), frozen=tail)
-        return out
+            return super()._lower_rank_payload(g, rank)
+        # Top-r_k part trainable, the rest frozen: trainable + frozen == the global adapter exactly.
+        head, tail, _ = lowrank.truncate(g.as_lowrank(), rank)
+        client_scale = g.scale * g.rank / rank  # alpha / r_k
+        return ClientPayload(lowrank.factors_from_product(head, client_scale), frozen=tail)
