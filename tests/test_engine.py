@@ -222,3 +222,31 @@ def test_heterogeneous_ranks_hexa_is_exact_and_base_weights_only_take_the_folds(
         assert torch.allclose(w.double(), expected, atol=1e-6), m
     ranks = {sim.client_ranks[c] for r in records for c in r["clients"]}
     assert ranks == {2, 4}
+
+
+def test_cli_compare_and_export_on_the_same_partition(assets, tmp_path):
+    from typer.testing import CliRunner
+
+    from fedlora.cli import app
+
+    model_dir, data = assets
+    overrides = [o for o in tiny_overrides(model_dir, data, tmp_path / "unused", "fedit", 2)
+                 if not o.startswith(("federation.method", "output_dir"))]
+    out = tmp_path / "cmp"
+    result = CliRunner().invoke(app, ["compare", "--methods", "fedit,fedex", "--out", str(out), *overrides])
+    assert result.exit_code == 0, result.output
+    table = (out / "compare.md").read_text()
+    assert "fedit" in table and "fedex" in table
+    for png in ("compare_metric.png", "compare_agg_error.png", "compare_bytes.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    runs = {m: [json.loads(x) for x in (out / m / "metrics.jsonl").read_text().splitlines()] for m in ("fedit", "fedex")}
+    # same seed and partition: the same clients are sampled, FedIT is inexact, FedEx exact
+    assert [r["clients"] for r in runs["fedit"]] == [r["clients"] for r in runs["fedex"]]
+    assert all(r["agg_error"] > 1e-3 for r in runs["fedit"])
+    assert all(r["agg_error"] < 1e-5 for r in runs["fedex"])
+    hist = json.loads((out / "fedex" / "label_histograms.json").read_text())
+    assert hist == json.loads((out / "fedit" / "label_histograms.json").read_text())
+
+    exported = CliRunner().invoke(app, ["export", str(out / "fedex"), "--out", str(tmp_path / "adapter")])
+    assert exported.exit_code == 0, exported.output
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
