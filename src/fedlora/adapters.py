@@ -41,6 +41,7 @@ def load_base_model(cfg: ModelConfig, num_labels: int, seed: int) -> tuple[nn.Mo
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the "newly initialized head" notice is expected here
+    hf_logging.disable_progress_bar()
     path = resolve_model_path(cfg.name)
     if not (os.path.isdir(path) or "/" in path):
         raise ValueError(f"model.name: {cfg.name!r} is neither a local folder nor a hub id (owner/name)")

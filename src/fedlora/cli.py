@@ -164,6 +164,10 @@ def list_methods() -> None:
 
 
 def main() -> None:
+    import warnings
+
+    # transformers' own deprecation notice, raised from inside PEFT; nothing a user can act on
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()
 
