@@ -25,6 +25,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated Lo
 console = Console(stderr=True)
 
 
+def _stdout() -> Console:
+    # Piped output (make, CI logs) would otherwise be cut to 80 columns.
+    probe = Console()
+    return probe if probe.is_terminal else Console(width=140)
+
+
 def _setup_logging(run_dir: Path | None = None) -> None:
     handlers: list[logging.Handler] = [RichHandler(console=console, show_path=False, markup=False)]
     if run_dir is not None:
@@ -102,7 +108,7 @@ def run(
     except ValueError as err:
         _fail(err)
     plot_run(records, run_dir)
-    Console().print(summary_table(records, f"fedlora run: {run_dir}"))
+    _stdout().print(summary_table(records, f"fedlora run: {run_dir}"))
     console.print(f"metrics, plots and checkpoints in [bold]{run_dir}[/]")
 
 
@@ -129,7 +135,7 @@ def compare(
     out_path = Path(out)
     (out_path / "compare.md").write_text(table)
     plot_compare(runs, out_path)
-    Console().print(Markdown(table))
+    _stdout().print(Markdown(table))
     console.print(f"table and plots in [bold]{out_path}[/]")
 
 
@@ -160,7 +166,7 @@ def list_methods() -> None:
     for name, cls in sorted(AGGREGATORS.items()):
         doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
         table.add_row(name, "yes" if cls.exact else "no", doc)
-    Console().print(table)
+    _stdout().print(table)
 
 
 def main() -> None:

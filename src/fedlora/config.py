@@ -72,10 +72,10 @@ class FederationConfig(_Section):
 
 
 class TrainConfig(_Section):
-    local_steps: int | None = Field(10, ge=1, description="optimizer steps per client per round")
+    local_steps: int | None = Field(30, ge=1, description="optimizer steps per client per round")
     local_epochs: float | None = Field(None, gt=0, description="instead of local_steps: passes over local data")
     batch_size: int = Field(16, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(5e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
     optimizer_state: Literal["fresh", "kept"] = Field("fresh", description="fresh AdamW each round, or kept")
