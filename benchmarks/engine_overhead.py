@@ -36,7 +36,7 @@ def engine_config(num_clients: int, per_round: int, steps: int, batch: int, out:
     from fedlora.config import load_config
 
     return load_config(None, [
-        f"data.data_dir={DATA_DIR}", "data.task=sst2", "data.max_train_examples=20000", "data.max_eval_examples=64",
+        f"data.data_dir={DATA_DIR}", "data.task=sst2", "data.max_train_examples=20000", "data.max_eval_examples=16",
         f"partition.num_clients={num_clients}", "partition.scheme=iid",
         f"federation.clients_per_round={per_round}", "federation.rounds=1", f"federation.method={method}",
         f"train.local_steps={steps}", f"train.batch_size={batch}", "eval.local=false", "eval.batch_size=64",
@@ -55,19 +55,15 @@ def child_engine(args) -> dict:
     return {"seconds": time.perf_counter() - t0, "maxrss_mb": _maxrss_mb(), "rss_after_setup_mb": base_rss}
 
 
-def child_plain(args) -> dict:
-    """The same clients, batches and optimizer settings as the engine's round 0, in a bare PEFT loop."""
+def plain_round(sim) -> None:
+    """The engine's round-0 clients, batches and optimizer settings, in a bare PEFT loop."""
     import torch
 
     from fedlora.sim.client import batch_at, local_batches
-    from fedlora.sim.engine import Simulation, _seed
+    from fedlora.sim.engine import _seed
 
-    cfg = engine_config(args.clients, args.per_round, args.steps, args.batch, args.workdir)
-    sim = Simulation(cfg, progress=False)  # reuse its data and model set-up, then bypass it entirely
-    model, data = sim.model, sim.data
+    cfg, model, data = sim.cfg, sim.model, sim.data
     params = [p for p in model.parameters() if p.requires_grad]
-    base_rss = _maxrss_mb()
-    t0 = time.perf_counter()
     for cid in sim.sample_clients(0):
         torch.manual_seed(_seed(cfg.seed, 0, cid))
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr)
@@ -79,16 +75,44 @@ def child_plain(args) -> dict:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
+
+
+def child_plain(args) -> dict:
+    from fedlora.sim.engine import Simulation
+
+    cfg = engine_config(args.clients, args.per_round, args.steps, args.batch, args.workdir)
+    sim = Simulation(cfg, progress=False)  # the same data and model set-up, then bypassed entirely
+    base_rss = _maxrss_mb()
+    t0 = time.perf_counter()
+    plain_round(sim)
     return {"seconds": time.perf_counter() - t0, "maxrss_mb": _maxrss_mb(), "rss_after_setup_mb": base_rss}
+
+
+def child_interleaved(args) -> dict:
+    """Time both sides in one process, alternating, so machine load drifts over both alike."""
+    from fedlora.sim.engine import Simulation
+
+    cfg = engine_config(args.clients, args.per_round, args.steps, args.batch, args.workdir)
+    sim = Simulation(cfg, progress=False)
+    plain_round(sim)  # warm-up (allocator, kernels)
+    pairs = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        plain_round(sim)
+        t1 = time.perf_counter()
+        sim.run_round(0)
+        t2 = time.perf_counter()
+        pairs.append({"plain_s": t1 - t0, "engine_s": t2 - t1, "ratio": (t2 - t1) / (t1 - t0)})
+    return {"pairs": pairs}
 
 
 def _maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _spawn(kind: str, clients: int, per_round: int, steps: int, batch: int, workdir: Path) -> dict:
+def _spawn(kind: str, clients: int, per_round: int, steps: int, batch: int, workdir: Path, repeats: int = 1) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--clients", str(clients), "--per-round", str(per_round),
-           "--steps", str(steps), "--batch", str(batch), "--workdir", str(workdir)]
+           "--steps", str(steps), "--batch", str(batch), "--workdir", str(workdir), "--repeats", str(repeats)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} child failed:\n{proc.stderr[-3000:]}")
@@ -99,16 +123,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps (smoke test)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "engine_overhead.json"))
-    parser.add_argument("--child", choices=["engine", "plain"])
+    parser.add_argument("--child", choices=["engine", "plain", "interleaved"])
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--per-round", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--workdir", default="/tmp/fedlora-engine-bench")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     if args.child:
-        fn = child_engine if args.child == "engine" else child_plain
+        fn = {"engine": child_engine, "plain": child_plain, "interleaved": child_interleaved}[args.child]
         print(json.dumps(fn(args)))
         return
 
@@ -118,17 +142,18 @@ def main() -> None:
     steps = 3 if args.quick else args.steps
     work = Path(args.workdir)
     rows = {}
-    # Alternate the two sides so drifting machine load hits both alike; keep the best time of each.
-    plain_runs, engine_runs = [], []
-    for rep in range(1 if args.quick else args.repeats):
-        plain_runs.append(_spawn("plain", 10, args.per_round, steps, args.batch, work / f"plain{rep}"))
-        engine_runs.append(_spawn("engine", 10, args.per_round, steps, args.batch, work / f"engine{rep}"))
-    plain = min(plain_runs, key=lambda r: r["seconds"])
-    engine = min(engine_runs, key=lambda r: r["seconds"])
+    # Time: both sides in one process, alternating; the median of the paired ratios.
+    timed = _spawn("interleaved", 10, args.per_round, steps, args.batch, work / "timed", 1 if args.quick else args.repeats)
+    ratios = sorted(p["ratio"] for p in timed["pairs"])
+    plain_s = sorted(p["plain_s"] for p in timed["pairs"])[len(ratios) // 2]
+    engine_s = sorted(p["engine_s"] for p in timed["pairs"])[len(ratios) // 2]
+    # Peak memory: each side alone in a fresh process.
+    plain = _spawn("plain", 10, args.per_round, steps, args.batch, work / "plain")
+    engine = _spawn("engine", 10, args.per_round, steps, args.batch, work / "engine")
     rows["round_vs_plain_peft"] = {
-        "plain": plain_runs, "engine": engine_runs,
-        "time_ratio": engine["seconds"] / plain["seconds"],
-        "peak_memory_ratio": max(r["maxrss_mb"] for r in engine_runs) / max(r["maxrss_mb"] for r in plain_runs),
+        "pairs": timed["pairs"], "plain_alone": plain, "engine_alone": engine,
+        "time_ratio": ratios[len(ratios) // 2],
+        "peak_memory_ratio": engine["maxrss_mb"] / plain["maxrss_mb"],
     }
     many = _spawn("engine", 1000, args.per_round, steps, args.batch, work / "many")
     few = _spawn("engine", 10, args.per_round, steps, args.batch, work / "few")
@@ -139,7 +164,7 @@ def main() -> None:
     for col in ("comparison", "reference", "engine", "ratio", "target"):
         table.add_column(col)
     r = rows["round_vs_plain_peft"]
-    table.add_row("round time (best of runs)", f"{plain['seconds']:.2f} s", f"{engine['seconds']:.2f} s",
+    table.add_row("round time (median, interleaved)", f"{plain_s:.2f} s", f"{engine_s:.2f} s",
                   f"{r['time_ratio']:.3f}", "<= 1.05")
     table.add_row("peak RSS, round", f"{plain['maxrss_mb']:.0f} MB", f"{engine['maxrss_mb']:.0f} MB",
                   f"{r['peak_memory_ratio']:.3f}", "~1")

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import Phase, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from fedlora import lowrank
@@ -290,17 +290,9 @@ def test_factors_from_product_divides_the_scale_out(split):
         assert torch.equal(f.B, x.left)
 
 
-PROXIMAL_BUG = (
-    "fedlora.lowrank.proximal_penalty: the cross term uses (B0^T B) * (A A0^T); the identity "
-    "<BA, B0A0> = sum((B0^T B) * (A0 A^T)) needs A0 @ A.mT. Wrong whenever B A != B0 A0 "
-    "(and a shape error or a silent broadcast when the ranks differ). lowrank.py is owned elsewhere."
-)
-
-
-@pytest.mark.xfail(reason=PROXIMAL_BUG, strict=True)
 def test_proximal_penalty_hand_case():
     # B A = 0 (B's only column meets A's zero row); B0 A0 = [[0, 1], [0, 0]]: the penalty is 1.
-    # The current code returns -1, a negative squared norm.
+    # (A cross term of (B0^T B) * (A A0^T) gives -1 here, a negative squared norm.)
     B = torch.tensor([[0.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
     A = torch.tensor([[0.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
     B0 = torch.eye(2, dtype=torch.float64)
@@ -308,9 +300,7 @@ def test_proximal_penalty_hand_case():
     assert float(lowrank.proximal_penalty(B, A, B0, A0)) == pytest.approx(1.0, abs=1e-12)
 
 
-@pytest.mark.xfail(reason=PROXIMAL_BUG, strict=True)
 @pytest.mark.parametrize("dtype", DTYPES)
-@settings(phases=(Phase.explicit, Phase.generate))  # no shrinking: an expected failure should fail fast
 @given(spec=products(min_k=1), k0=st.integers(1, 5))
 def test_proximal_penalty_matches_dense_value_and_gradient(dtype, spec, k0):
     m, n, k, seed = spec

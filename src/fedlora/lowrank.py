@@ -207,6 +207,6 @@ def factors_from_product(x: LowRank, scale: float, split: str = "balanced") -> L
 def proximal_penalty(B: Tensor, A: Tensor, B0: Tensor, A0: Tensor) -> Tensor:
     """``||B A - B0 A0||_F^2`` in factored form (differentiable), for a client-side proximal term."""
     bb = (B.mT @ B) * (A @ A.mT)
-    cross = (B0.mT @ B) * (A @ A0.mT)
+    cross = (B0.mT @ B) * (A0 @ A.mT)  # <BA, B0A0> = sum((B0^T B) * (A0 A^T))
     ref = (B0.mT @ B0) * (A0 @ A0.mT)
     return bb.sum() - 2 * cross.sum() + ref.sum()
