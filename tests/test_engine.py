@@ -250,3 +250,14 @@ def test_cli_compare_and_export_on_the_same_partition(assets, tmp_path):
     exported = CliRunner().invoke(app, ["export", str(out / "fedex"), "--out", str(tmp_path / "adapter")])
     assert exported.exit_code == 0, exported.output
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_kept_optimizer_state_survives_checkpoint_and_resume(assets, tmp_path):
+    from fedlora.sim.engine import Simulation
+
+    extra = ["train.optimizer_state=kept", "partition.num_clients=3"]
+    _, full = _run(_cfg(assets, tmp_path / "full", "fedex", rounds=3, extra=extra))
+    Simulation(_cfg(assets, tmp_path / "cut", "fedex", rounds=3, extra=extra), progress=False).run(stop_after=1)
+    resumed = Simulation.resume(tmp_path / "cut", progress=False)
+    assert resumed.optimizer_states, "kept AdamW moments should come back from the checkpoint"
+    assert _strip_times(resumed.run()) == _strip_times(full)

@@ -50,7 +50,8 @@ def train_local(
     """Run ``steps`` AdamW steps; returns the mean training loss and the optimizer's state dict."""
     model.train()
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if optimizer_state is not None:
+    if optimizer_state is not None and len(optimizer_state["state"]) == len(params):
+        # Kept state only fits the same parameters (a method that freezes A later starts afresh).
         optimizer.load_state_dict(optimizer_state)
         for group in optimizer.param_groups:  # the loaded state carries the old lr
             group["lr"] = lr
