@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +28,6 @@ from .client import local_batches, predict, train_local
 from .data import FederatedData, build_federated_data, score
 
 log = logging.getLogger("fedlora")
-
-
-@dataclass
-class RoundOutcome:
-    record: dict
-    rejected: list[str] = field(default_factory=list)
 
 
 class Simulation:
