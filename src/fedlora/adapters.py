@@ -150,9 +150,13 @@ def head_parameters(model: PeftModel, adapter: str = ADAPTER) -> dict[str, nn.Pa
     return {_strip(n).replace(marker, ""): p for n, p in model.named_parameters() if marker in n}
 
 
+def rank_adapter_name(rank: int) -> str:
+    return f"rank{rank}"
+
+
 def add_rank_adapter(model: PeftModel, lora: LoraSection, task_type: str, rank: int) -> str:
     """A second adapter of another rank (same alpha, targets and heads) for clients of that rank."""
-    name = f"rank{rank}"
+    name = rank_adapter_name(rank)
     if name not in model.peft_config:
         model.add_adapter(name, lora_config(lora, model.get_base_model(), task_type, rank=rank))
     return name

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .types import LoRAFactors, LowRank
+
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
 
@@ -89,3 +91,34 @@ def load_tensors(folder: Path, stem: str) -> dict[str, torch.Tensor]:
 
 def load_state(folder: Path) -> dict:
     return json.loads((Path(folder) / "state.json").read_text())
+
+
+# ---------------------------------------------------------------- tensor layouts of a round
+
+def correction_tensors(corrections: dict[str, LowRank]) -> dict[str, torch.Tensor]:
+    """``{module}.left`` / ``{module}.right`` for one round's corrections."""
+    out = {}
+    for m, c in corrections.items():
+        out[f"{m}.left"], out[f"{m}.right"] = c.left, c.right
+    return out
+
+
+def load_corrections(folder: Path) -> dict[str, LowRank]:
+    tensors = load_tensors(folder, "correction")
+    modules = sorted({k.rsplit(".", 1)[0] for k in tensors})
+    return {m: LowRank(tensors[f"{m}.left"], tensors[f"{m}.right"]) for m in modules}
+
+
+def adapter_tensors(factors: dict[str, LoRAFactors], head: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{module}.lora_A`` / ``{module}.lora_B`` for the global adapter and ``head.{name}`` for the heads."""
+    out = {f"head.{k}": v for k, v in head.items()}
+    for m, f in factors.items():
+        out[f"{m}.lora_A"], out[f"{m}.lora_B"] = f.A, f.B
+    return out
+
+
+def load_adapter(folder: Path, scales: dict[str, float], head_names) -> tuple[dict[str, LoRAFactors], dict]:
+    """The global adapter (at the given per-module scales) and heads saved by :func:`adapter_tensors`."""
+    tensors = load_tensors(folder, "adapter")
+    factors = {m: LoRAFactors(tensors[f"{m}.lora_B"], tensors[f"{m}.lora_A"], s) for m, s in scales.items()}
+    return factors, {k: tensors[f"head.{k}"] for k in head_names}

@@ -24,9 +24,8 @@ def cumulative_corrections(run_dir: Path, last_round: int) -> dict[str, LowRank]
     """Sum of the per-round corrections of rounds ``1..last_round``, kept as factors (re-compressed)."""
     terms: dict[str, list[LowRank]] = {}
     for r in range(1, last_round + 1):
-        tensors = checkpoint.load_tensors(checkpoint.round_dir(run_dir, r), "correction")
-        for m in sorted({k.rsplit(".", 1)[0] for k in tensors}):
-            terms.setdefault(m, []).append(LowRank(tensors[f"{m}.left"], tensors[f"{m}.right"]))
+        for m, c in checkpoint.load_corrections(checkpoint.round_dir(run_dir, r)).items():
+            terms.setdefault(m, []).append(c)
     return {m: lowrank.compact(lowrank.concat(ts)) for m, ts in terms.items()}
 
 
@@ -39,24 +38,22 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, merged: bool = False
     last, folder = found
     state = checkpoint.load_state(folder)
     cfg = config_from_dict(state["config"])
-    tensors = checkpoint.load_tensors(folder, "adapter")
     corrections = {m: c for m, c in cumulative_corrections(run_dir, last).items() if c.rank > 0}
 
     base, tokenizer = adapters.load_base_model(cfg.model, state["num_labels"], cfg.seed)
     probe = adapters.attach_lora(base, cfg.lora, cfg.model.task_type)
     layers = adapters.lora_layers(probe)
     scales = {m: float(layer.scaling[adapters.ADAPTER]) for m, layer in layers.items()}
-    heads = {k: tensors[f"head.{k}"] for k in adapters.head_parameters(probe)}
+    trained, heads = checkpoint.load_adapter(folder, scales, adapters.head_parameters(probe))
     base = probe.unload()  # back to the untouched base model
 
     factors = {}
-    for m, scale in scales.items():
-        B, A = tensors[f"{m}.lora_B"], tensors[f"{m}.lora_A"]
+    for m, f in trained.items():
         c = corrections.get(m)
         if c is None:
-            factors[m] = LoRAFactors(B, A, scale)
+            factors[m] = f
         else:  # exact adapter of rank r + rank(C), scale 1
-            factors[m] = LoRAFactors(torch.cat([scale * B, c.left], 1), torch.cat([A, c.right], 0), 1.0)
+            factors[m] = LoRAFactors(torch.cat([f.scale * f.B, c.left], 1), torch.cat([f.A, c.right], 0), 1.0)
 
     config = adapters.lora_config(cfg.lora, base, cfg.model.task_type)
     if corrections:

@@ -67,7 +67,7 @@ class Simulation:
 
     def _adapter_for(self, cid: str) -> str:
         rank = self.client_ranks[cid]
-        return adapters.ADAPTER if rank == self.cfg.lora.rank else f"rank{rank}"
+        return adapters.ADAPTER if rank == self.cfg.lora.rank else adapters.rank_adapter_name(rank)
 
     @classmethod
     def resume(cls, run_dir: str | Path, *, progress: bool = True) -> Simulation:
@@ -88,23 +88,13 @@ class Simulation:
     def _restore(self, state: dict) -> None:
         completed = int(state["round"])
         for r in range(1, completed + 1):  # replay every fold in order: bit-identical base weights
-            folder = checkpoint.round_dir(self.run_dir, r)
-            tensors = checkpoint.load_tensors(folder, "correction")
-            corr = {
-                m: LowRank(tensors[f"{m}.left"], tensors[f"{m}.right"])
-                for m in {k.rsplit(".", 1)[0] for k in tensors}
-            }
+            corr = checkpoint.load_corrections(checkpoint.round_dir(self.run_dir, r))
             adapters.fold_corrections(self.layers, corr)
             self.corrections.append(corr)
         folder = checkpoint.round_dir(self.run_dir, completed)
-        tensors = checkpoint.load_tensors(folder, "adapter")
-        self.global_state = {
-            m: ModuleState(
-                LoRAFactors(tensors[f"{m}.lora_B"], tensors[f"{m}.lora_A"], st.factors.scale), st.layout
-            )
-            for m, st in self.global_state.items()
-        }
-        self.global_head = {k: tensors[f"head.{k}"] for k in self.global_head}
+        scales = {m: st.factors.scale for m, st in self.global_state.items()}
+        factors, self.global_head = checkpoint.load_adapter(folder, scales, self.global_head)
+        self.global_state = {m: ModuleState(f, self.global_state[m].layout) for m, f in factors.items()}
         self.optimizer_states = _unflatten_optimizers(checkpoint.load_tensors(folder, "optimizer"), state)
         self.records = list(state["metrics"])
         self.next_round = completed
@@ -262,15 +252,9 @@ class Simulation:
 
     # ------------------------------------------------------------------ checkpoint
     def _checkpoint(self, round_number: int) -> None:
-        adapter = {}
-        for m, s in self.global_state.items():
-            adapter[f"{m}.lora_A"] = s.factors.A
-            adapter[f"{m}.lora_B"] = s.factors.B
-        adapter.update({f"head.{k}": v for k, v in self.global_head.items()})
-        corr = {}
-        for m, c in self.corrections[round_number - 1].items():
-            corr[f"{m}.left"] = c.left
-            corr[f"{m}.right"] = c.right
+        factors = {m: s.factors for m, s in self.global_state.items()}
+        adapter = checkpoint.adapter_tensors(factors, self.global_head)
+        corr = checkpoint.correction_tensors(self.corrections[round_number - 1])
         opt_tensors, opt_meta = _flatten_optimizers(self.optimizer_states)
         state = {
             "round": round_number,
