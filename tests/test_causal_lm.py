@@ -248,7 +248,7 @@ def test_gpt2_export_loads_in_stock_peft_with_same_logits(assets, gpt2_run, tmp_
     sim, _, run_dir = gpt2_run
     inputs = _dev_inputs(sim)
     expected = _logits(sim.model, inputs)
-    out = export_run(run_dir, tmp_path / "adapter")
+    out = export_run(run_dir, tmp_path / "adapter").path
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["fan_in_fan_out"] is True
     assert config["rank_pattern"] and min(config["rank_pattern"].values()) > 4
@@ -257,6 +257,6 @@ def test_gpt2_export_loads_in_stock_peft_with_same_logits(assets, gpt2_run, tmp_
     mask = inputs["attention_mask"].bool()
     assert torch.allclose(got[mask], expected[mask], atol=1e-5, rtol=0), (got - expected)[mask].abs().max()
 
-    merged = export_run(run_dir, tmp_path / "merged", merged=True)
+    merged = export_run(run_dir, tmp_path / "merged", merged=True).path
     got = _logits(AutoModelForCausalLM.from_pretrained(merged), inputs)
     assert torch.allclose(got[mask], expected[mask], atol=1e-5, rtol=0), (got - expected)[mask].abs().max()

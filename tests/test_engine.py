@@ -123,7 +123,7 @@ def test_exported_adapter_loads_in_stock_peft_with_same_logits(assets, tmp_path,
     with torch.no_grad():
         expected = sim.model(**batch).logits
 
-    out = export_run(tmp_path / "run", tmp_path / "adapter")
+    out = export_run(tmp_path / "run", tmp_path / "adapter").path
     base = AutoModelForSequenceClassification.from_pretrained(assets[0], num_labels=2)
     loaded = PeftModel.from_pretrained(base, out).eval()
     with torch.no_grad():

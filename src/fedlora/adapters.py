@@ -35,6 +35,28 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+def check_model(cfg: ModelConfig) -> None:
+    """Fail early, in one line naming ``model.name``, when the model cannot be found.
+
+    Reads only the model's ``config.json`` (local folder, or the Hugging Face cache when offline), so a
+    misspelt name is reported before any data is loaded.
+    """
+    from transformers import AutoConfig
+
+    path = resolve_model_path(cfg.name)
+    looks_local = os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path)
+    if looks_local and not os.path.isdir(path):
+        raise ValueError(f"model.name: {cfg.name}: no such folder")
+    try:
+        AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        if looks_local:
+            raise ValueError(f"model.name: {cfg.name}: folder has no usable config.json") from None
+        offline = os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0")
+        where = "in the local Hugging Face cache (offline)" if offline else "on the hub or in the local cache"
+        raise ValueError(f"model.name: {cfg.name}: not a local folder, and not found {where}") from err
+
+
 def load_base_model(cfg: ModelConfig, num_labels: int, seed: int) -> tuple[nn.Module, object]:
     """Load tokenizer and model; the seed fixes the freshly initialised classification head."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer

@@ -1,28 +1,33 @@
-"""The ``fedlora`` command line: run, compare, export, methods.
+"""The ``fedlora`` command line: run, compare, export, verify, methods.
 
     fedlora run [CONFIG] [key.path=value ...] [--resume DIR]
     fedlora compare --methods fedit,ffa,fedex,fra,hexa [CONFIG] [key.path=value ...] --out DIR
-    fedlora export RUN_DIR --out DIR [--merged]
+    fedlora export RUN_DIR --out DIR [--merged] [--rank R]
+    fedlora verify RUN_DIR
     fedlora methods
 
-Bad input (config, data, model names) ends with one red line naming what is wrong, exit code 2.
+Every user error (config, data, model name, method option, a damaged checkpoint) ends with one line on
+stderr naming what is wrong, and exit code 2; the library raises ``ValueError`` (or ``OSError`` for files)
+and only this module talks to the terminal.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.markdown import Markdown
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated LoRA fine-tuning.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated LoRA fine-tuning.",
+                  pretty_exceptions_enable=False)
 console = Console(stderr=True)
+USER_ERRORS = (ValueError, OSError)
 
 
 def _stdout() -> Console:
@@ -32,7 +37,14 @@ def _stdout() -> Console:
 
 
 def _setup_logging(run_dir: Path | None = None) -> None:
-    handlers: list[logging.Handler] = [RichHandler(console=console, show_path=False, markup=False)]
+    if console.is_terminal:
+        from rich.logging import RichHandler
+
+        screen: logging.Handler = RichHandler(console=console, show_path=False, markup=False)
+    else:  # one line per message in logs and CI: no columns, no wrapping
+        screen = logging.StreamHandler(sys.stderr)
+        screen.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    handlers = [screen]
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         fh = logging.FileHandler(run_dir / "run.log")
@@ -41,8 +53,13 @@ def _setup_logging(run_dir: Path | None = None) -> None:
     logging.basicConfig(level=logging.INFO, handlers=handlers, force=True, format="%(message)s")
 
 
+def _error_line(text: str) -> None:
+    console.print(f"[bold red]error:[/] {text}", soft_wrap=True, markup=True, highlight=False)
+
+
 def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/] {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+    text = str(err).strip()
+    _error_line(text.splitlines()[0] if text else type(err).__name__)
     raise typer.Exit(2)
 
 
@@ -55,7 +72,7 @@ def _split_args(args: list[str] | None) -> tuple[str | None, list[str]]:
         elif config is None:
             config = a
         else:
-            raise typer.BadParameter(f"unexpected argument {a!r} (overrides look like key.path=value)")
+            raise ValueError(f"unexpected argument {a!r} (overrides look like key.path=value)")
     return config, overrides
 
 
@@ -68,45 +85,81 @@ def _load(args, data_dir: str | None, extra: list[str] = ()):
     return load_config(config, [*overrides, *extra])
 
 
-def _run_one(cfg, *, overwrite: bool, stop_after: int | None = None):
-    from .checkpoint import latest_round
-    from .sim.engine import Simulation
+def _holds_run(run_dir: Path) -> bool:
+    from .checkpoint import has_checkpoints
+    from .report import METRICS_FILE
 
-    run_dir = Path(cfg.output_dir)
-    if latest_round(run_dir) is not None:
-        if not overwrite:
-            raise ValueError(f"{run_dir} already holds a run: pass --resume {run_dir} or --overwrite")
-        import shutil
+    return has_checkpoints(run_dir) or (run_dir / METRICS_FILE).exists()
 
-        shutil.rmtree(run_dir)
-    _setup_logging(run_dir)
-    return Simulation(cfg).run(stop_after=stop_after)
+
+def _claim(run_dir: Path, *, overwrite: bool, hint: str) -> None:
+    """Refuse to write over an earlier run unless ``overwrite``; then clear it."""
+    if not _holds_run(run_dir):
+        return
+    if not overwrite:
+        raise ValueError(f"{run_dir} already holds a run: {hint}")
+    shutil.rmtree(run_dir)
+
+
+def _resume_rounds(args: list[str] | None, data_dir: str | None) -> int | None:
+    """With --resume only ``federation.rounds=N`` may be given: the run's config is fixed."""
+    config, overrides = _split_args(args)
+    if config is not None:
+        raise ValueError(f"--resume takes no config file ({config}): the run's own config is used")
+    if data_dir:
+        raise ValueError("--data-dir cannot change with --resume: the run's config is fixed")
+    rounds = None
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() != "federation.rounds":
+            raise ValueError(f"{key}: cannot change with --resume (the run's config is fixed; only "
+                             "federation.rounds=N extends it)")
+        try:
+            rounds = int(value)
+        except ValueError:
+            raise ValueError(f"federation.rounds: expected a whole number, got {value!r}") from None
+        if rounds < 1:
+            raise ValueError(f"federation.rounds: must be >= 1, got {rounds}")
+    return rounds
+
+
+def _interrupted(run_dir: Path) -> None:
+    _error_line(f"interrupted; the last complete round is kept: continue with `fedlora run --resume {run_dir}`")
+    raise typer.Exit(130)
 
 
 @app.command()
 def run(
     args: Annotated[list[str] | None, typer.Argument(help="[CONFIG.yaml] [key.path=value ...]")] = None,
-    resume: Annotated[str | None, typer.Option(help="continue the run in this folder")] = None,
+    resume: Annotated[str | None, typer.Option(help="continue (or, with federation.rounds=N, extend) this run")] = None,
     data_dir: Annotated[str | None, typer.Option(help="offline data folder (default $FEDLORA_DATA_DIR)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run in output_dir")] = False,
     stop_after: Annotated[int | None, typer.Option(help="stop after this round (resume later)")] = None,
 ) -> None:
     """Run one federated experiment (default: MiniLM on SST-2, 8 clients, Dirichlet 0.3, HEXA)."""
     from .report import plot_run, summary_table
+    from .sim.engine import Simulation
 
+    run_dir = Path(resume) if resume else None
     try:
         if resume:
-            from .sim.engine import Simulation
-
-            _setup_logging(Path(resume))
-            sim = Simulation.resume(resume)
-            records, run_dir = sim.run(stop_after=stop_after), sim.run_dir
+            rounds = _resume_rounds(args, data_dir)
+            if not run_dir.is_dir():
+                raise ValueError(f"{run_dir}: no such run folder to resume")
+            _setup_logging(run_dir)
+            sim = Simulation.resume(run_dir, rounds=rounds)
         else:
             cfg = _load(args, data_dir)
+            Simulation.check(cfg)  # method options and model name, before anything touches the disk
             run_dir = Path(cfg.output_dir)
-            records = _run_one(cfg, overwrite=overwrite, stop_after=stop_after)
-    except ValueError as err:
+            _claim(run_dir, overwrite=overwrite, hint=f"pass --resume {run_dir} or --overwrite")
+            _setup_logging(run_dir)
+            sim = Simulation(cfg)
+        records = sim.run(stop_after=stop_after)
+    except USER_ERRORS as err:
         _fail(err)
+    except KeyboardInterrupt:
+        _interrupted(run_dir)
     plot_run(records, run_dir)
     _stdout().print(summary_table(records, f"fedlora run: {run_dir}"))
     console.print(f"metrics, plots and checkpoints in [bold]{run_dir}[/]")
@@ -118,21 +171,38 @@ def compare(
     args: Annotated[list[str] | None, typer.Argument(help="[CONFIG.yaml] [key.path=value ...]")] = None,
     out: Annotated[str, typer.Option(help="folder for the runs, table and plots")] = "runs/compare",
     data_dir: Annotated[str | None, typer.Option(help="offline data folder")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace earlier runs of these methods under --out")] = False,
 ) -> None:
     """Run several methods on the same partition and seed; write a markdown table and plots."""
     from .report import compare_markdown, plot_compare
+    from .sim.engine import Simulation
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
-    runs = {}
-    try:
-        for name in names:
-            cfg = _load(args, data_dir, [f"federation.method={name}", f"output_dir={Path(out) / name}"])
-            console.rule(f"[bold]{name}")
-            runs[name] = _run_one(cfg, overwrite=True)
-    except ValueError as err:
-        _fail(err)
-    table = compare_markdown(runs)
     out_path = Path(out)
+    runs, run_dir = {}, out_path
+    try:
+        if not names:
+            raise ValueError("--methods: give at least one method")
+        if len(set(names)) != len(names):
+            raise ValueError(f"--methods: a method is listed twice ({methods})")
+        configs = {}
+        for name in names:  # every method and its options are checked before any training
+            configs[name] = _load(args, data_dir, [f"federation.method={name}", f"output_dir={out_path / name}"])
+            Simulation.check(configs[name])
+        for name, cfg in configs.items():
+            if _holds_run(Path(cfg.output_dir)) and not overwrite:
+                raise ValueError(f"{cfg.output_dir} already holds a run: pass --overwrite to replace it")
+        for name, cfg in configs.items():
+            run_dir = Path(cfg.output_dir)
+            _claim(run_dir, overwrite=True, hint="")
+            _setup_logging(run_dir)
+            console.rule(f"[bold]{name}")
+            runs[name] = Simulation(cfg).run()
+    except USER_ERRORS as err:
+        _fail(err)
+    except KeyboardInterrupt:
+        _interrupted(run_dir)
+    table = compare_markdown(runs)
     (out_path / "compare.md").write_text(table)
     plot_compare(runs, out_path)
     _stdout().print(Markdown(table))
@@ -144,38 +214,90 @@ def export(
     run_dir: Annotated[str, typer.Argument(help="a run folder (with checkpoints/)")],
     out: Annotated[str, typer.Option(help="output folder")] = "",
     merged: Annotated[bool, typer.Option(help="write a merged full model instead of an adapter")] = False,
+    rank: Annotated[int | None, typer.Option(help="compact adapter: the best rank-R approximation of the update")] = None,
 ) -> None:
-    """Export the newest checkpoint as a stock PEFT adapter (exact, including folded corrections)."""
+    """Export the newest intact checkpoint as a stock PEFT adapter (exact, or best rank R with --rank)."""
     from .export import export_run
 
     try:
-        path = export_run(run_dir, out or str(Path(run_dir) / ("merged" if merged else "adapter")), merged=merged)
-    except ValueError as err:
+        result = export_run(run_dir, out or str(Path(run_dir) / ("merged" if merged else "adapter")),
+                            merged=merged, rank=rank)
+    except USER_ERRORS as err:
         _fail(err)
-    console.print(f"wrote [bold]{path}[/]")
+    for line in result.skipped:
+        console.print(f"[yellow]warning:[/] {line}", soft_wrap=True, highlight=False)
+    if result.rank is not None:
+        console.print(f"rank {result.rank}: relative error {result.rank_error:.3e} of the run's whole update "
+                      f"(saved in {result.path / 'rank_error.json'})", soft_wrap=True, highlight=False)
+    console.print(f"wrote [bold]{result.path}[/] (round {result.round})")
+
+
+@app.command()
+def verify(run_dir: Annotated[str, typer.Argument(help="a run folder (with checkpoints/)")]) -> None:
+    """Check every round's checkpoint files against their recorded sizes and SHA-256."""
+    from rich.table import Table
+
+    from . import checkpoint
+
+    path = Path(run_dir)
+    try:
+        if not path.is_dir():
+            raise ValueError(f"{path}: no such run folder")
+        checks = checkpoint.verify_run(path)
+        if not checks:
+            raise ValueError(f"{path}: no checkpoint (no checkpoints/round_NNNN folder)")
+    except USER_ERRORS as err:
+        _fail(err)
+    usable = checkpoint.newest_usable(checks)
+    table = Table("round", "status", "detail", title=f"fedlora verify: {path}")
+    for c in checks:
+        detail = "; ".join(f"{name}: {why}" for name, why in c.problems.items())
+        table.add_row(str(c.number), "intact" if c.intact else "[red]damaged[/]", detail or "all files match")
+    _stdout().print(table)
+    damaged = [c for c in checks if not c.intact]
+    if damaged:
+        first = damaged[0]
+        _fail(ValueError(f"round {first.number} is damaged ({first.summary()}); newest usable round: "
+                         f"{usable if usable is not None else 'none'}"))
+    _stdout().print(f"all {len(checks)} rounds intact")
 
 
 @app.command("methods")
 def list_methods() -> None:
-    """List the aggregation methods."""
+    """List the aggregation methods and their options."""
     from rich.table import Table
 
     from .aggregators import AGGREGATORS
+    from .aggregators.base import method_options
 
-    table = Table("method", "exact", "summary")
+    table = Table("method", "exact", "options", "summary")
     for name, cls in sorted(AGGREGATORS.items()):
         doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
-        table.add_row(name, "yes" if cls.exact else "no", doc)
+        options = ", ".join(f"{k}={v!r}" for k, v in method_options(name).items())
+        table.add_row(name, "yes" if cls.exact else "no", options, doc)
     _stdout().print(table)
 
 
 def main() -> None:
     import warnings
 
+    import click
+
     # transformers' own deprecation notice, raised from inside PEFT; nothing a user can act on
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app()
+    try:
+        code = app(standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as err:
+        console.print(err.format_message())
+        code = 0
+    except click.exceptions.UsageError as err:  # unknown option, missing argument: one line too
+        command = err.ctx.command_path if err.ctx is not None else "fedlora"
+        _error_line(f"{err.format_message()} (see `{command} --help`)")
+        code = 2
+    except click.exceptions.Abort:
+        code = 130
+    sys.exit(code or 0)
 
 
 if __name__ == "__main__":

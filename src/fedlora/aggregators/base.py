@@ -9,7 +9,9 @@ what each client starts from (:meth:`Aggregator.payload`), the aggregation error
 
 from __future__ import annotations
 
+import inspect
 import math
+import numbers
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -46,13 +48,9 @@ def validate_update(global_state: GlobalState, update: ClientUpdate) -> ClientUp
     Raises :class:`AggregationInputError` (a ``ValueError``) naming the client and module.
     """
     cid = update.client_id
-    if update.weight is not None:
-        if not math.isfinite(update.weight) or update.weight < 0:
-            raise AggregationInputError(f"weight must be finite and >= 0, got {update.weight}", client_id=cid)
-    elif not math.isfinite(update.num_examples) or update.num_examples < 0:
-        raise AggregationInputError(
-            f"num_examples must be finite and >= 0, got {update.num_examples}", client_id=cid
-        )
+    field_name, value = ("weight", update.weight) if update.weight is not None else ("num_examples", update.num_examples)
+    if not _is_real(value) or not math.isfinite(value) or value < 0:
+        raise AggregationInputError(f"{field_name} must be a finite number >= 0, got {value!r}", client_id=cid)
     missing = sorted(set(global_state) - set(update.factors))
     extra = sorted(set(update.factors) - set(global_state))
     if missing or extra:
@@ -66,11 +64,15 @@ def validate_update(global_state: GlobalState, update: ClientUpdate) -> ClientUp
         f = update.factors[name]
         ref = state.factors
         d_out, d_in = ref.shape
-        if not isinstance(f, LoRAFactors) or not isinstance(f.B, Tensor) or not isinstance(f.A, Tensor):
-            raise AggregationInputError(
-                f"expected LoRAFactors with tensor B and A, got {type(f).__name__}",
-                client_id=cid, module=name,
-            )
+        if not isinstance(f, LoRAFactors):
+            raise AggregationInputError(f"expected LoRAFactors, got {type(f).__name__}", client_id=cid, module=name)
+        for side, t in (("B", f.B), ("A", f.A)):
+            if not isinstance(t, Tensor):
+                kind = f"{type(t).__module__}.{type(t).__name__}".removeprefix("builtins.")
+                hint = " (convert with torch.from_numpy)" if kind.startswith("numpy.") else ""
+                raise AggregationInputError(
+                    f"factor {side} is a {kind}, expected a torch.Tensor{hint}", client_id=cid, module=name
+                )
         if f.B.ndim != 2 or f.A.ndim != 2:
             raise AggregationInputError("factors must be 2-D", client_id=cid, module=name)
         if f.B.shape[0] != d_out or f.A.shape[1] != d_in or f.B.shape[1] != f.A.shape[0]:
@@ -96,6 +98,12 @@ def validate_update(global_state: GlobalState, update: ClientUpdate) -> ClientUp
     if len(ranks) > 1:
         raise AggregationInputError(f"modules have different ranks {sorted(ranks)}", client_id=cid)
     return replace(update, factors=cast)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) or (
+        isinstance(value, Tensor) and value.numel() == 1 and not value.dtype.is_complex
+    )
 
 
 def validate_round(global_state: GlobalState, updates: Sequence[ClientUpdate]) -> list[ClientUpdate]:
@@ -313,7 +321,24 @@ def get_aggregator(name: str, **kwargs) -> Aggregator:
         cls = AGGREGATORS[name]
     except KeyError:
         raise ValueError(f"unknown aggregation method {name!r}; known: {', '.join(sorted(AGGREGATORS))}") from None
-    return cls(**kwargs)
+    valid = method_options(name)
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        listed = ", ".join(valid) if valid else "none"
+        raise ValueError(f"{name}: unknown option {unknown[0]!r}; valid options: {listed}")
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a value of the wrong type, caught by the method's own checks
+        raise ValueError(f"{name}: bad option value ({str(err).splitlines()[0]}) in {kwargs}") from None
+
+
+def method_options(name: str) -> dict[str, object]:
+    """The keyword options of method ``name`` and their defaults, read from its constructor's signature."""
+    params = inspect.signature(AGGREGATORS[name].__init__).parameters.values()
+    return {
+        p.name: p.default for p in params
+        if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    }
 
 
 # ---------------------------------------------------------------- shared pieces of the rules

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .. import adapters, checkpoint, lowrank
-from ..aggregators import Aggregator, get_aggregator, validate_update
+from ..aggregators import AGGREGATORS, Aggregator, get_aggregator, validate_update
 from ..config import RunConfig
 from ..report import MetricsWriter
 from ..types import AggregationInputError, ClientUpdate, LoRAFactors, LowRank, ModuleState
@@ -41,7 +41,8 @@ class Simulation:
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir)
         self.progress = progress
-        self.aggregator: Aggregator = get_aggregator(cfg.federation.method, **cfg.federation.method_options)
+        self.aggregator: Aggregator = self.check(cfg)  # method and model fail before any data is read
+        self.skipped: list[str] = []
         self.data: FederatedData = build_federated_data(cfg, self.run_dir)
         base, self.tokenizer = adapters.load_base_model(cfg.model, self.data.num_labels, cfg.seed)
         self.data.encode(self.tokenizer, cfg.model.max_length)
@@ -54,6 +55,17 @@ class Simulation:
         self.optimizer_states: dict[str, dict] = {}
         self.records: list[dict] = []
         self.next_round = 0
+
+    @staticmethod
+    def check(cfg: RunConfig) -> Aggregator:
+        """The run's aggregator, after checking its options and that the model can be found (one-line errors)."""
+        try:
+            aggregator = get_aggregator(cfg.federation.method, **cfg.federation.method_options)
+        except ValueError as err:
+            key = "federation.method_options" if cfg.federation.method in AGGREGATORS else "federation.method"
+            raise ValueError(f"{key}: {err}") from None
+        adapters.check_model(cfg.model)
+        return aggregator
 
     # ------------------------------------------------------------------ setup helpers
     def _client_ranks(self) -> dict[str, int]:
@@ -70,23 +82,39 @@ class Simulation:
         return adapters.ADAPTER if rank == self.cfg.lora.rank else adapters.rank_adapter_name(rank)
 
     @classmethod
-    def resume(cls, run_dir: str | Path, *, progress: bool = True) -> Simulation:
-        """Rebuild a run from its newest complete checkpoint."""
-        found = checkpoint.latest_round(Path(run_dir))
-        if found is None:
-            raise ValueError(f"{run_dir}: no checkpoint to resume from")
-        _, folder = found
-        state = checkpoint.load_state(folder)
-        from ..config import config_from_dict
+    def resume(cls, run_dir: str | Path, *, rounds: int | None = None, progress: bool = True) -> Simulation:
+        """Rebuild a run from its newest intact checkpoint; ``rounds`` extends a run to that many rounds.
 
-        cfg = config_from_dict(state["config"])
+        A damaged newer round (a checksum that does not match, a missing or truncated file) is passed over
+        with a warning naming it, and its folder is removed: the rounds after the one resumed are redone,
+        exactly as the uninterrupted run did them.
+        """
+        from ..config import ConfigError, config_from_dict
+
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise checkpoint.CheckpointError(f"{run_dir}: no such run folder to resume")
+        found = checkpoint.newest_intact_round(run_dir)
+        state = checkpoint.load_state(found.folder)
+        raw = state["config"]
+        if rounds is not None:
+            if rounds < found.number:
+                raise ConfigError(
+                    f"federation.rounds={rounds}: {run_dir} has already completed {found.number} rounds"
+                )
+            raw = {**raw, "federation": {**raw.get("federation", {}), "rounds": rounds}}
+        cfg = config_from_dict(raw)
         cfg.output_dir = str(run_dir)
         sim = cls(cfg, progress=progress)
+        for line in found.skipped:
+            log.warning("%s", line)
+        sim.skipped = found.skipped
         sim._restore(state)
         return sim
 
     def _restore(self, state: dict) -> None:
         completed = int(state["round"])
+        checkpoint.remove_rounds_after(self.run_dir, completed)
         for r in range(1, completed + 1):  # replay every fold in order: bit-identical base weights
             corr = checkpoint.load_corrections(checkpoint.round_dir(self.run_dir, r))
             adapters.fold_corrections(self.layers, corr)
