@@ -169,7 +169,7 @@ def _paths(state, updates, r):
 
     from fedlora import lowrank
     from fedlora.aggregators import get_aggregator
-    from fedlora.aggregators.base import data_weights
+    from fedlora.aggregators import data_weights
 
     fra = get_aggregator("fra", fold_tail=True)
     p = data_weights(updates)
@@ -291,7 +291,7 @@ def worker_config(task: dict) -> dict:
 
 
 def _weights(updates):
-    from fedlora.aggregators.base import data_weights
+    from fedlora.aggregators import data_weights
 
     return data_weights(updates)
 

@@ -48,7 +48,7 @@ def child_engine(args) -> dict:
     from fedlora.sim.engine import Simulation
 
     cfg = engine_config(args.clients, args.per_round, args.steps, args.batch, args.workdir)
-    sim = Simulation(cfg, progress=False)
+    sim = Simulation(cfg)
     base_rss = _maxrss_mb()
     t0 = time.perf_counter()
     sim.run_round(0)
@@ -81,7 +81,7 @@ def child_plain(args) -> dict:
     from fedlora.sim.engine import Simulation
 
     cfg = engine_config(args.clients, args.per_round, args.steps, args.batch, args.workdir)
-    sim = Simulation(cfg, progress=False)  # the same data and model set-up, then bypassed entirely
+    sim = Simulation(cfg)  # the same data and model set-up, then bypassed entirely
     base_rss = _maxrss_mb()
     t0 = time.perf_counter()
     plain_round(sim)
@@ -93,7 +93,7 @@ def child_interleaved(args) -> dict:
     from fedlora.sim.engine import Simulation
 
     cfg = engine_config(args.clients, args.per_round, args.steps, args.batch, args.workdir)
-    sim = Simulation(cfg, progress=False)
+    sim = Simulation(cfg)
     plain_round(sim)  # warm-up (allocator, kernels)
     pairs = []
     for _ in range(args.repeats):

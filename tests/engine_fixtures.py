@@ -52,7 +52,7 @@ def tiny_overrides(model_dir: Path, data_file: Path, out_dir: Path, method: str 
         "data.label_column=label",
         "partition.num_clients=4",
         "partition.scheme=dirichlet",
-        "partition.alpha=0.5",
+        "partition.options.alpha=0.5",
         f"federation.method={method}",
         f"federation.rounds={rounds}",
         "federation.clients_per_round=3",

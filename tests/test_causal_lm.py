@@ -115,7 +115,7 @@ def _cfg(assets, arch: str, out: Path, extra=()):
 def _run(cfg):
     from fedlora.sim.engine import Simulation
 
-    sim = Simulation(cfg, progress=False)
+    sim = Simulation(cfg)
     return sim, sim.run()
 
 

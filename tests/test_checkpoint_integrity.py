@@ -39,7 +39,7 @@ def reference(assets, tmp_path_factory):
     from fedlora.sim.engine import Simulation
 
     out = tmp_path_factory.mktemp("ref") / "run"
-    records = Simulation(_cfg(assets, out), progress=False).run()
+    records = Simulation(_cfg(assets, out)).run()
     return out, _strip(records)
 
 
@@ -72,7 +72,7 @@ def test_resume_falls_back_to_the_previous_intact_round(reference, tmp_path, cap
     assert f"{stem}.safetensors" in checks[3].summary()
 
     with caplog.at_level("WARNING", logger="fedlora"):
-        sim = Simulation.resume(run, progress=False)
+        sim = Simulation.resume(run)
     assert sim.next_round == 2
     assert len(sim.skipped) == 1 and "round 3" in sim.skipped[0] and f"{stem}.safetensors" in sim.skipped[0]
     assert "round 3 skipped" in caplog.text
@@ -112,20 +112,20 @@ def test_garbage_json_is_named_and_latest_json_is_only_a_hint(reference, tmp_pat
 def test_extending_a_finished_run_equals_a_longer_run(assets, tmp_path):
     from fedlora.sim.engine import Simulation
 
-    longer = Simulation(_cfg(assets, tmp_path / "four", rounds=4), progress=False).run()
-    Simulation(_cfg(assets, tmp_path / "two", rounds=2), progress=False).run()
-    extended = Simulation.resume(tmp_path / "two", rounds=4, progress=False)
+    longer = Simulation(_cfg(assets, tmp_path / "four", rounds=4)).run()
+    Simulation(_cfg(assets, tmp_path / "two", rounds=2)).run()
+    extended = Simulation.resume(tmp_path / "two", rounds=4)
     assert extended.cfg.federation.rounds == 4
     assert _strip(extended.run()) == _strip(longer)
     state = checkpoint.load_state(checkpoint.round_dir(tmp_path / "two", 4))
     assert state["config"]["federation"]["rounds"] == 4
     with pytest.raises(ConfigError, match="already completed 4 rounds"):
-        Simulation.resume(tmp_path / "two", rounds=3, progress=False)
+        Simulation.resume(tmp_path / "two", rounds=3)
 
 
 def test_resume_of_a_missing_folder_creates_nothing(tmp_path):
     from fedlora.sim.engine import Simulation
 
     with pytest.raises(ValueError, match="no such run folder"):
-        Simulation.resume(tmp_path / "nope", progress=False)
+        Simulation.resume(tmp_path / "nope")
     assert not (tmp_path / "nope").exists()

@@ -36,7 +36,7 @@ def _strip_times(records):
 def _run(cfg):
     from fedlora.sim.engine import Simulation
 
-    sim = Simulation(cfg, progress=False)
+    sim = Simulation(cfg)
     return sim, sim.run()
 
 
@@ -46,21 +46,21 @@ KILL_SCRIPT = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from engine_fixtures import tiny_overrides
     from fedlora.config import load_config
-    from fedlora.sim import engine
+    from fedlora.sim import engine, runtimes
 
     cfg = load_config(None, tiny_overrides({model!r}, {data!r}, {out!r}, {method!r}, 4))
-    real = engine.Simulation._train_client
+    real = runtimes.train_client
     calls = {{"n": 0}}
 
-    def dying(self, cid, round_idx):
-        if round_idx == 2:  # third round, mid-way: the checkpoint of round 2 is on disk
+    def dying(host, task, data):
+        if task.round == 2:  # third round, mid-way: the checkpoint of round 2 is on disk
             calls["n"] += 1
             if calls["n"] == 2:
                 os.kill(os.getpid(), signal.SIGKILL)
-        return real(self, cid, round_idx)
+        return real(host, task, data)
 
-    engine.Simulation._train_client = dying
-    engine.Simulation(cfg, progress=False).run()
+    runtimes.train_client = dying
+    engine.Simulation(cfg).run()
     """
 )
 
@@ -78,7 +78,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(assets, tmp_path, method
 
     from fedlora.sim.engine import Simulation
 
-    resumed = Simulation.resume(killed_dir, progress=False).run()
+    resumed = Simulation.resume(killed_dir).run()
     assert len(resumed) == 4
     assert _strip_times(resumed) == _strip_times(full)
     on_disk = [json.loads(line) for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
@@ -89,7 +89,7 @@ def test_kill_while_writing_checkpoint_leaves_previous_round(assets, tmp_path, m
     from fedlora.sim.engine import Simulation
 
     cfg = _cfg(assets, tmp_path / "run", rounds=3)
-    sim = Simulation(cfg, progress=False)
+    sim = Simulation(cfg)
     sim.run(stop_after=1)
     real_replace = checkpoint.os.replace
 
@@ -103,7 +103,7 @@ def test_kill_while_writing_checkpoint_leaves_previous_round(assets, tmp_path, m
         sim.run(stop_after=2)
     monkeypatch.undo()
     assert checkpoint.latest_round(tmp_path / "run")[0] == 1
-    resumed = Simulation.resume(tmp_path / "run", progress=False).run()
+    resumed = Simulation.resume(tmp_path / "run").run()
     assert [r["round"] for r in resumed] == [1, 2, 3]
 
 
@@ -135,18 +135,19 @@ def test_exported_adapter_loads_in_stock_peft_with_same_logits(assets, tmp_path,
 
 
 def test_client_returning_nan_is_rejected_and_logged(assets, tmp_path, monkeypatch, caplog):
-    from fedlora.sim import engine
+    from fedlora.sim import runtimes
 
-    real = engine.Simulation._train_client
+    real = runtimes.train_client
+    first = {}
 
-    def poisoned(self, cid, round_idx):
-        update, head, loss = real(self, cid, round_idx)
-        if cid == self.sample_clients(round_idx)[0]:
-            name = next(iter(update.factors))
-            update.factors[name].B[0, 0] = float("nan")
-        return update, head, loss
+    def poisoned(host, task, data):
+        reply = real(host, task, data)
+        if first.setdefault(task.round, task.client_id) == task.client_id:  # the round's first client
+            name = next(iter(reply.factors))
+            reply.factors[name].B[0, 0] = float("nan")
+        return reply
 
-    monkeypatch.setattr(engine.Simulation, "_train_client", poisoned)
+    monkeypatch.setattr(runtimes, "train_client", poisoned)
     with caplog.at_level("WARNING", logger="fedlora"):
         sim, records = _run(_cfg(assets, tmp_path / "run", rounds=2))
     assert all(len(r["rejected"]) == 1 for r in records)
@@ -207,7 +208,7 @@ def test_heterogeneous_ranks_hexa_is_exact_and_base_weights_only_take_the_folds(
     from fedlora.sim.engine import Simulation
 
     cfg = _cfg(assets, tmp_path / "run", "hexa", rounds=2, extra=["lora.client_ranks=[4, 2]"])
-    sim = Simulation(cfg, progress=False)
+    sim = Simulation(cfg)
     before = {m: w.clone().double() for m, w in adapters.base_weights(sim.layers, sim.layers).items()}
     records = sim.run()
     assert all(r["agg_error"] < 1e-5 for r in records)
@@ -257,7 +258,7 @@ def test_kept_optimizer_state_survives_checkpoint_and_resume(assets, tmp_path):
 
     extra = ["train.optimizer_state=kept", "partition.num_clients=3"]
     _, full = _run(_cfg(assets, tmp_path / "full", "fedex", rounds=3, extra=extra))
-    Simulation(_cfg(assets, tmp_path / "cut", "fedex", rounds=3, extra=extra), progress=False).run(stop_after=1)
-    resumed = Simulation.resume(tmp_path / "cut", progress=False)
+    Simulation(_cfg(assets, tmp_path / "cut", "fedex", rounds=3, extra=extra)).run(stop_after=1)
+    resumed = Simulation.resume(tmp_path / "cut")
     assert resumed.optimizer_states, "kept AdamW moments should come back from the checkpoint"
     assert _strip_times(resumed.run()) == _strip_times(full)

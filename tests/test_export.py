@@ -24,7 +24,7 @@ def run(tmp_path_factory):
     model_dir = make_tiny_bert(root / "tiny-bert")
     data = make_sentiment_tsv(root / "train.tsv")
     cfg = load_config(None, tiny_overrides(model_dir, data, root / "run", "hexa", rounds=2))
-    Simulation(cfg, progress=False).run()
+    Simulation(cfg).run()
     exports = {
         "full": export_run(root / "run", root / "full"),
         1: export_run(root / "run", root / "r1", rank=1),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -16,6 +17,9 @@ from fedlora.partition import (
     kl_to_global,
     label_histograms,
     partition_labels,
+    partition_option_types,
+    partition_options,
+    register,
     save_histograms,
 )
 from fedlora.partition.base import flwr_indices
@@ -67,6 +71,35 @@ def test_registry_and_option_errors():
         partition_labels(LABELS, 4, "dirichlet", beta=0.1)
     with pytest.raises(PartitionError, match="num_clients must be in 1..3000"):
         partition_labels(LABELS, 3001)
+
+
+def test_options_read_from_signatures():
+    assert partition_options("iid") == {}
+    assert partition_options("dirichlet") == {"alpha": 0.3, "min_partition_size": 1, "self_balancing": False}
+    assert partition_options("quantity_skew") == {"beta": 0.3, "exponent": None, "min_partition_size": 1}
+    types = partition_option_types("pathological")
+    assert types == {"classes_per_client": int,
+                     "class_assignment": Literal["first-deterministic", "deterministic", "random"]}
+    assert partition_option_types("imbalanced") == {"dominant_fraction": float, "client_size": int | None}
+    with pytest.raises(PartitionError, match="unknown partition scheme 'shards'; known: dirichlet, iid"):
+        partition_options("shards")
+
+
+def test_register_checks_the_signature():
+    def untyped(labels, num_clients, seed=0, alpha=0.3):
+        return []
+
+    def no_default(labels, num_clients, seed, alpha: float):
+        return []
+
+    for name, fn in (("untyped", untyped), ("no_default", no_default)):
+        with pytest.raises(TypeError, match="option 'alpha' needs a default and a type"):
+            register(name)(fn)
+    with pytest.raises(TypeError, match="must start with labels, num_clients, seed"):
+        register("reordered")(lambda labels, seed, num_clients: [])
+    with pytest.raises(ValueError, match="'iid' registered twice"):
+        register("iid")(PARTITIONERS["iid"])
+    assert not {"untyped", "no_default", "reordered"} & set(PARTITIONERS)
 
 
 def test_iid_is_balanced():

@@ -189,14 +189,17 @@ def activate(model: PeftModel, adapter: str) -> None:
 
 
 def adapter_parameters(
-    layers: dict[str, LoraLayer], train_a: bool, train_b: bool, adapter: str = ADAPTER
+    layers: dict[str, LoraLayer], train_a: bool, train_b: bool, adapter: str = ADAPTER, modules=None
 ) -> list[nn.Parameter]:
+    """The factors that train (``modules``: a subset, None = all); every other factor stops needing grad,
+    so no backward pass runs below the lowest module that trains."""
     params = []
-    for layer in layers.values():
-        layer.lora_A[adapter].weight.requires_grad_(train_a)
-        layer.lora_B[adapter].weight.requires_grad_(train_b)
-        if train_a:
+    for name, layer in layers.items():
+        on = modules is None or name in modules
+        layer.lora_A[adapter].weight.requires_grad_(train_a and on)
+        layer.lora_B[adapter].weight.requires_grad_(train_b and on)
+        if train_a and on:
             params.append(layer.lora_A[adapter].weight)
-        if train_b:
+        if train_b and on:
             params.append(layer.lora_B[adapter].weight)
     return params

@@ -123,6 +123,40 @@ def _resume_rounds(args: list[str] | None, data_dir: str | None) -> int | None:
     return rounds
 
 
+class _ProgressBars:
+    """Rich progress bars for a run, fed by the engine's ``on_event`` callback (only on a terminal)."""
+
+    def __init__(self, label: str):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        self.bars = Progress(*columns, console=console, disable=not console.is_terminal)
+        self.label = label
+        self.rounds = self.clients = None
+
+    def __enter__(self):
+        self.bars.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.bars.__exit__(*exc)
+
+    def __call__(self, kind: str, **info) -> None:
+        if kind == "start":
+            self.rounds = self.bars.add_task(f"{self.label} rounds", total=info["total"], completed=info["done"])
+            self.clients = self.bars.add_task("clients", total=info["clients_per_round"])
+        elif kind == "client":
+            self.bars.advance(self.clients)
+        elif kind == "round":
+            self.bars.advance(self.rounds)
+            self.bars.reset(self.clients)
+
+
+def _run_with_progress(sim, stop_after: int | None = None) -> list[dict]:
+    with _ProgressBars(sim.aggregator.name) as bars:
+        return sim.run(stop_after=stop_after, on_event=bars)
+
+
 def _interrupted(run_dir: Path) -> None:
     _error_line(f"interrupted; the last complete round is kept: continue with `fedlora run --resume {run_dir}`")
     raise typer.Exit(130)
@@ -137,29 +171,32 @@ def run(
     stop_after: Annotated[int | None, typer.Option(help="stop after this round (resume later)")] = None,
 ) -> None:
     """Run one federated experiment (default: MiniLM on SST-2, 8 clients, Dirichlet 0.3, HEXA)."""
-    from .report import plot_run, summary_table
-    from .sim.engine import Simulation
-
     run_dir = Path(resume) if resume else None
     try:
         if resume:
             rounds = _resume_rounds(args, data_dir)
             if not run_dir.is_dir():
                 raise ValueError(f"{run_dir}: no such run folder to resume")
+            from .sim.engine import Simulation  # slow imports (torch, transformers) after the cheap checks
+
             _setup_logging(run_dir)
             sim = Simulation.resume(run_dir, rounds=rounds)
         else:
             cfg = _load(args, data_dir)
+            from .sim.engine import Simulation
+
             Simulation.check(cfg)  # method options and model name, before anything touches the disk
             run_dir = Path(cfg.output_dir)
             _claim(run_dir, overwrite=overwrite, hint=f"pass --resume {run_dir} or --overwrite")
             _setup_logging(run_dir)
             sim = Simulation(cfg)
-        records = sim.run(stop_after=stop_after)
+        records = _run_with_progress(sim, stop_after)
     except USER_ERRORS as err:
         _fail(err)
     except KeyboardInterrupt:
         _interrupted(run_dir)
+    from .report import plot_run, summary_table
+
     plot_run(records, run_dir)
     _stdout().print(summary_table(records, f"fedlora run: {run_dir}"))
     console.print(f"metrics, plots and checkpoints in [bold]{run_dir}[/]")
@@ -174,9 +211,6 @@ def compare(
     overwrite: Annotated[bool, typer.Option(help="replace earlier runs of these methods under --out")] = False,
 ) -> None:
     """Run several methods on the same partition and seed; write a markdown table and plots."""
-    from .report import compare_markdown, plot_compare
-    from .sim.engine import Simulation
-
     names = [m.strip() for m in methods.split(",") if m.strip()]
     out_path = Path(out)
     runs, run_dir = {}, out_path
@@ -185,10 +219,12 @@ def compare(
             raise ValueError("--methods: give at least one method")
         if len(set(names)) != len(names):
             raise ValueError(f"--methods: a method is listed twice ({methods})")
-        configs = {}
-        for name in names:  # every method and its options are checked before any training
-            configs[name] = _load(args, data_dir, [f"federation.method={name}", f"output_dir={out_path / name}"])
-            Simulation.check(configs[name])
+        configs = {name: _load(args, data_dir, [f"federation.method={name}", f"output_dir={out_path / name}"])
+                   for name in names}
+        from .sim.engine import Simulation
+
+        for cfg in configs.values():  # every method and its options are checked before any training
+            Simulation.check(cfg)
         for name, cfg in configs.items():
             if _holds_run(Path(cfg.output_dir)) and not overwrite:
                 raise ValueError(f"{cfg.output_dir} already holds a run: pass --overwrite to replace it")
@@ -197,11 +233,13 @@ def compare(
             _claim(run_dir, overwrite=True, hint="")
             _setup_logging(run_dir)
             console.rule(f"[bold]{name}")
-            runs[name] = Simulation(cfg).run()
+            runs[name] = _run_with_progress(Simulation(cfg))
     except USER_ERRORS as err:
         _fail(err)
     except KeyboardInterrupt:
         _interrupted(run_dir)
+    from .report import compare_markdown, plot_compare
+
     table = compare_markdown(runs)
     (out_path / "compare.md").write_text(table)
     plot_compare(runs, out_path)
@@ -268,7 +306,7 @@ def list_methods() -> None:
     from rich.table import Table
 
     from .aggregators import AGGREGATORS
-    from .aggregators.base import method_options
+    from .aggregators import method_options
 
     table = Table("method", "exact", "options", "summary")
     for name, cls in sorted(AGGREGATORS.items()):

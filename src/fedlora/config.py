@@ -2,16 +2,31 @@
 
 ``load_config(path, ["federation.rounds=3", "lora.rank=4"])`` returns a :class:`RunConfig`; any mistake
 raises :class:`ConfigError` with one line naming the key (``federation.rounds: must be >= 1``).
+``partition.options`` is checked against the chosen scheme's own signature (names, types, defaults: see
+:func:`fedlora.partition.partition_options`), as ``federation.method_options`` is against the method's.
 """
 
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from .partition import PARTITIONERS, partition_option_types, partition_options
 
 
 class ConfigError(ValueError):
@@ -24,15 +39,19 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     name: str = Field("minilm", description="HF model id or local folder; 'minilm' = the offline all-MiniLM-L6-v2")
-    task_type: Literal["seq_cls", "causal_lm"] = "seq_cls"
+    task_type: Literal["seq_cls", "causal_lm"] = Field(
+        "seq_cls", description="seq_cls: classification or regression head; causal_lm: instruction tuning"
+    )
     max_length: int = Field(64, ge=8, le=8192, description="tokens per example")
 
 
 class LoraSection(_Section):
     rank: int = Field(8, ge=1, description="global LoRA rank r (the largest client rank)")
     alpha: float = Field(16.0, gt=0, description="scale s = alpha / r")
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"])
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA branch's input (lora_dropout)")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["query", "value"], description="names of the linear layers that get adapters"
+    )
     client_ranks: list[int] | None = Field(
         None, description="per-client ranks, cycled over clients (heterogeneous federations); None: all = rank"
     )
@@ -48,38 +67,102 @@ class DataConfig(_Section):
     task: str = Field("sst2", description="GLUE task, agnews, a local file path, or hub:owner/name")
     data_dir: str | None = Field(None, description="offline data folder; default $FEDLORA_DATA_DIR")
     dev: str | None = Field(None, description="dev split source for a local file (default: 10% of it)")
-    text_column: str | None = None
-    text_pair_column: str | None = None
-    label_column: str | None = None
+    text_column: str | None = Field(
+        None, description="text column of a file or hub dataset (causal_lm: the prompt; default 'prompt')"
+    )
+    text_pair_column: str | None = Field(
+        None, description="second text column of sentence pairs (causal_lm: the response; default 'response')"
+    )
+    label_column: str | None = Field(None, description="label column of a file or hub dataset")
     max_train_examples: int | None = Field(20000, ge=1, description="subsample of the train split (seeded)")
-    max_eval_examples: int | None = Field(None, ge=1)
+    max_eval_examples: int | None = Field(None, ge=1, description="subsample of the dev split; None: all")
+
+
+def _scheme_summary() -> str:
+    return "; ".join(
+        f"{name}: " + (", ".join(f"{k}={v!r}" for k, v in partition_options(name).items()) or "none")
+        for name in sorted(PARTITIONERS)
+    )
+
+
+@lru_cache(maxsize=None)
+def _options_model(scheme: str) -> type[BaseModel]:
+    """A pydantic model of ``scheme``'s options: the partitioner's own annotations and defaults."""
+    defaults = partition_options(scheme)
+    fields = {name: (hint, defaults[name]) for name, hint in partition_option_types(scheme).items()}
+    return create_model(f"{scheme}_options", __config__=ConfigDict(extra="forbid"), **fields)
+
+
+def _key_error(key: str, value: Any, kind: str, message: str) -> ValidationError:
+    """A validation error located at ``key`` below the field being validated."""
+    detail = InitErrorDetails(type=PydanticCustomError(kind, message), loc=(key,), input=value)
+    return ValidationError.from_exception_data("PartitionConfig", [detail])
 
 
 class PartitionConfig(_Section):
-    scheme: Literal["iid", "dirichlet", "pathological", "quantity_skew", "imbalanced"] = "dirichlet"
-    num_clients: int = Field(8, ge=1)
-    alpha: float = Field(0.3, gt=0, description="Dirichlet concentration (dirichlet, quantity_skew)")
-    classes_per_client: int = Field(2, ge=1, description="pathological: classes each client holds")
-    dominant_fraction: float = Field(0.9, gt=0, le=1, description="imbalanced: share of each client's main class")
+    scheme: str = Field(
+        "dirichlet", description=f"how examples are split among clients: {', '.join(sorted(PARTITIONERS))}"
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        validate_default=True,
+        description="the scheme's keyword options, checked against its signature (fedlora.partition."
+        f"partition_options); unset ones take its defaults ({_scheme_summary()})",
+    )
+    num_clients: int = Field(8, ge=1, description="number of clients K the training split is divided among")
     local_test_fraction: float = Field(0.1, ge=0, lt=1, description="share of each client's data kept for its test")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_options(cls, raw):
+        # Scheme options used to be flat keys (partition.alpha); say where they go now.
+        if isinstance(raw, dict):
+            for key in raw:
+                if key not in cls.model_fields and any(key in partition_options(s) for s in PARTITIONERS):
+                    raise _key_error(key, raw[key], "moved_option",
+                                     f"unknown key; scheme options go under partition.options "
+                                     f"(partition.options.{key})")
+        return raw
+
+    @field_validator("scheme")
+    @classmethod
+    def _known_scheme(cls, scheme: str) -> str:
+        if scheme not in PARTITIONERS:
+            raise ValueError(f"unknown scheme {scheme!r}; valid schemes: {', '.join(sorted(PARTITIONERS))}")
+        return scheme
+
+    @field_validator("options")
+    @classmethod
+    def _scheme_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        scheme = info.data.get("scheme")
+        if scheme is None:  # the scheme itself is bad, and that is the error reported
+            return options
+        valid = partition_options(scheme)
+        for key, value in options.items():
+            if key not in valid:
+                listed = ", ".join(valid) or "none"
+                raise _key_error(key, value, "unknown_option",
+                                 f"unknown option of scheme {scheme!r}; valid options: {listed}")
+        # Every option spelled out, defaults included: the saved config records the partition exactly.
+        return _options_model(scheme).model_validate(options).model_dump()
 
 
 class FederationConfig(_Section):
     method: str = Field("hexa", description="aggregation method (see `fedlora methods`)")
     method_options: dict[str, Any] = Field(default_factory=dict, description="keyword options of the method")
-    rounds: int = Field(5, ge=1)
-    clients_per_round: int = Field(4, ge=1)
+    rounds: int = Field(5, ge=1, description="federated rounds (one aggregation each)")
+    clients_per_round: int = Field(4, ge=1, description="clients sampled (seeded) to train in each round")
 
 
 class TrainConfig(_Section):
     local_steps: int | None = Field(30, ge=1, description="optimizer steps per client per round")
     local_epochs: float | None = Field(None, gt=0, description="instead of local_steps: passes over local data")
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(5e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(0, ge=0)
+    batch_size: int = Field(16, ge=1, description="examples per local optimizer step")
+    lr: float = Field(5e-3, gt=0, description="AdamW learning rate of the local steps")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warmup steps of each local run")
     optimizer_state: Literal["fresh", "kept"] = Field("fresh", description="fresh AdamW each round, or kept")
-    max_grad_norm: float | None = Field(1.0, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient norm clip; None: no clipping")
 
     @model_validator(mode="after")
     def _steps_or_epochs(self):
@@ -89,20 +172,22 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="examples per forward pass when evaluating")
     local: bool = Field(True, description="also evaluate the global model on the sampled clients' local test splits")
 
 
 class RunConfig(_Section):
-    seed: int = 0
-    output_dir: str = "runs/default"
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    lora: LoraSection = Field(default_factory=LoraSection)
-    data: DataConfig = Field(default_factory=DataConfig)
-    partition: PartitionConfig = Field(default_factory=PartitionConfig)
-    federation: FederationConfig = Field(default_factory=FederationConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
+    seed: int = Field(0, description="seed of everything random: subsample, partition, sampling, training")
+    output_dir: str = Field("runs/default", description="run folder: metrics, plots, checkpoints")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the pretrained model")
+    lora: LoraSection = Field(default_factory=LoraSection, description="the LoRA adapters")
+    data: DataConfig = Field(default_factory=DataConfig, description="the dataset and its splits")
+    partition: PartitionConfig = Field(default_factory=PartitionConfig, description="who gets which data")
+    federation: FederationConfig = Field(
+        default_factory=FederationConfig, description="the aggregation method, its options and the rounds"
+    )
+    train: TrainConfig = Field(default_factory=TrainConfig, description="each client's local training")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation after each round")
 
     @model_validator(mode="after")
     def _federation(self):

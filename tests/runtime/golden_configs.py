@@ -34,7 +34,7 @@ def record_golden(out_json: str) -> None:
     golden = {}
     for name, (method, rounds, extra) in GOLDEN.items():
         cfg = load_config(None, [*tiny_overrides(model, data, root / name, method, rounds), *extra])
-        records = Simulation(cfg, progress=False).run()
+        records = Simulation(cfg).run()
         golden[name] = [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
     Path(out_json).write_text(json.dumps(golden, indent=1))
 

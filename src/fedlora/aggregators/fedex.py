@@ -16,7 +16,8 @@ took part; the in-process engine folds them into the one shared base model, so t
 
 from __future__ import annotations
 
-from .base import Aggregator, Round, exact_residual, padded_mean, register
+from .base import Aggregator, Round, register
+from .rules import exact_residual, padded_mean
 
 
 @register

@@ -13,7 +13,8 @@ Clients train and send both factors. Clients of a lower rank are zero-padded (``
 
 from __future__ import annotations
 
-from .base import Aggregator, Round, padded_mean, register
+from .base import Aggregator, Round, register
+from .rules import padded_mean
 
 
 @register

@@ -13,7 +13,8 @@ own ``A`` whatever a client sends. A client of rank ``r_k`` trains the first ``r
 
 from __future__ import annotations
 
-from .base import Aggregator, Round, frozen_a_mean, register
+from .base import Aggregator, Round, register
+from .rules import frozen_a_mean
 
 
 @register

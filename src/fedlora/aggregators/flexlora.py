@@ -15,7 +15,8 @@ of rank ``r_k < r`` also loses the components past ``r_k``. Factors use the bala
 
 from __future__ import annotations
 
-from .base import Aggregator, Round, refactorized, register
+from .base import Aggregator, Round, register
+from .rules import refactorized
 
 
 @register

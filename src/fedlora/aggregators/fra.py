@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 
 from ..types import LoRAFactors
-from .base import Aggregator, Round, frozen_a_mean, refactorized, register
+from .base import Aggregator, Round, register
+from .rules import frozen_a_mean, refactorized
 
 
 @register

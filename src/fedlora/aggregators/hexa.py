@@ -28,15 +28,9 @@ import torch
 
 from .. import lowrank
 from ..types import AggregationInputError, ClientPayload, LoRAFactors
-from .base import (
-    Aggregator,
-    Round,
-    as_lowrank64,
-    exact_residual,
-    padded_mean,
-    refactorized,
-    register,
-)
+from .accounting import as_lowrank64
+from .base import Aggregator, Round, register
+from .rules import exact_residual, padded_mean, refactorized
 
 
 @register

@@ -1,15 +1,19 @@
 """One entry point for every partitioning scheme, its registry, output checks and per-client test splits.
 
 A scheme is a function ``(labels, num_clients, seed, **options) -> list[np.ndarray]`` registered under a
-name with :func:`register`; :func:`partition_labels` looks it up, checks its options, and checks what it
-returns: one non-empty array of example indices per client, pairwise disjoint, inside ``range(len(labels))``.
-Indices come back sorted, so the same seed gives identical arrays. Schemes may leave examples unassigned
-(``pathological`` with unused classes, ``imbalanced`` when a class runs short): the union is a subset.
+name with :func:`register`. Its options are its other parameters: each has a default and a type annotation,
+and :func:`partition_options` / :func:`partition_option_types` read them from the signature (the config
+checks ``partition.options`` against them). :func:`partition_labels` looks a scheme up, checks its options,
+and checks what it returns: one non-empty array of example indices per client, pairwise disjoint, inside
+``range(len(labels))``. Indices come back sorted, so the same seed gives identical arrays. Schemes may leave
+examples unassigned (``pathological`` with unused classes, ``imbalanced`` when a class runs short): the union
+is a subset.
 """
 
 from __future__ import annotations
 
 import inspect
+import typing
 import warnings
 from collections.abc import Callable
 
@@ -18,6 +22,7 @@ import numpy as np
 Partition = list[np.ndarray]
 PartitionFn = Callable[..., Partition]
 PARTITIONERS: dict[str, PartitionFn] = {}
+SCHEME_ARGS = ("labels", "num_clients", "seed")  # every scheme's leading parameters; the rest are options
 
 
 class PartitionError(ValueError):
@@ -25,13 +30,52 @@ class PartitionError(ValueError):
 
 
 def register(name: str) -> Callable[[PartitionFn], PartitionFn]:
-    """Decorator adding a scheme to :data:`PARTITIONERS` under ``name``."""
+    """Decorator adding a scheme to :data:`PARTITIONERS` under ``name``.
+
+    The function must take ``labels, num_clients, seed`` first; every further parameter is an option and
+    needs a default and a type annotation (a ``TypeError`` at import otherwise).
+    """
 
     def add(fn: PartitionFn) -> PartitionFn:
+        params = list(inspect.signature(fn).parameters.values())
+        if tuple(p.name for p in params[:3]) != SCHEME_ARGS:
+            raise TypeError(f"partition scheme {name!r}: parameters must start with {', '.join(SCHEME_ARGS)}")
+        for p in params[3:]:
+            if p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) or p.default is p.empty \
+                    or p.annotation is p.empty:
+                raise TypeError(f"partition scheme {name!r}: option {p.name!r} needs a default and a type")
+        if name in PARTITIONERS:
+            raise ValueError(f"partition scheme {name!r} registered twice")
         PARTITIONERS[name] = fn
         return fn
 
     return add
+
+
+def _scheme(name: str) -> PartitionFn:
+    try:
+        return PARTITIONERS[name]
+    except KeyError:
+        raise PartitionError(f"unknown partition scheme {name!r}; known: {', '.join(sorted(PARTITIONERS))}") \
+            from None
+
+
+def partition_options(name: str) -> dict[str, object]:
+    """The keyword options of scheme ``name`` and their defaults, read from its signature.
+
+    Examples
+    --------
+    >>> partition_options("dirichlet")
+    {'alpha': 0.3, 'min_partition_size': 1, 'self_balancing': False}
+    """
+    params = inspect.signature(_scheme(name)).parameters.values()
+    return {p.name: p.default for p in params if p.name not in SCHEME_ARGS}
+
+
+def partition_option_types(name: str) -> dict[str, object]:
+    """The type annotation of each option of scheme ``name`` (resolved, ``Literal`` and unions kept)."""
+    hints = typing.get_type_hints(_scheme(name))
+    return {option: hints[option] for option in partition_options(name)}
 
 
 def partition_labels(labels, num_clients: int, scheme: str = "iid", seed: int = 42, **options) -> Partition:
@@ -69,10 +113,8 @@ def partition_labels(labels, num_clients: int, scheme: str = "iid", seed: int = 
     if not 1 <= num_clients <= len(labels):
         raise PartitionError(f"num_clients must be in 1..{len(labels)} (the number of examples), "
                              f"got {num_clients}")
-    if scheme not in PARTITIONERS:
-        raise PartitionError(f"unknown partition scheme {scheme!r}; known: {', '.join(sorted(PARTITIONERS))}")
-    fn = PARTITIONERS[scheme]
-    allowed = [p for p in inspect.signature(fn).parameters if p not in ("labels", "num_clients", "seed")]
+    fn = _scheme(scheme)
+    allowed = list(partition_options(scheme))
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise PartitionError(f"scheme {scheme!r} takes options {allowed}; got unknown {unknown}")

@@ -12,7 +12,6 @@ Example
 from __future__ import annotations
 
 import numpy as np
-from flwr_datasets.partitioner import IidPartitioner
 
 from .base import Partition, flwr_indices, register
 
@@ -35,5 +34,7 @@ def iid(labels: np.ndarray, num_clients: int, seed: int = 42) -> Partition:
     list of np.ndarray
         Index arrays covering every example.
     """
+    from flwr_datasets.partitioner import IidPartitioner  # flwr_datasets imports `datasets` (~2 s)
+
     order = np.random.default_rng(seed).permutation(len(labels))
     return flwr_indices(IidPartitioner(num_partitions=num_clients), labels, order)

@@ -20,18 +20,19 @@ Example
 from __future__ import annotations
 
 import warnings
+from typing import Literal, get_args
 
 import numpy as np
-from flwr_datasets.partitioner import PathologicalPartitioner
 
 from .base import Partition, PartitionError, class_ids, flwr_indices, register
 
-CLASS_ASSIGNMENTS = ("first-deterministic", "deterministic", "random")
+ClassAssignment = Literal["first-deterministic", "deterministic", "random"]
+CLASS_ASSIGNMENTS = get_args(ClassAssignment)
 
 
 @register("pathological")
 def pathological(labels: np.ndarray, num_clients: int, seed: int = 42, classes_per_client: int = 2,
-                 class_assignment: str = "first-deterministic") -> Partition:
+                 class_assignment: ClassAssignment = "first-deterministic") -> Partition:
     """``classes_per_client`` classes per client, each class shared evenly by its holders.
 
     Parameters
@@ -52,6 +53,8 @@ def pathological(labels: np.ndarray, num_clients: int, seed: int = 42, classes_p
     list of np.ndarray
         Index arrays; examples of classes no client holds are left out.
     """
+    from flwr_datasets.partitioner import PathologicalPartitioner  # flwr_datasets imports `datasets` (~2 s)
+
     labels = class_ids(labels, "pathological")
     num_classes = len(np.unique(labels))
     if not 1 <= classes_per_client <= num_classes:

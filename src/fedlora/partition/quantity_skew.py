@@ -16,7 +16,6 @@ Example
 from __future__ import annotations
 
 import numpy as np
-from flwr_datasets.partitioner import SizePartitioner
 
 from .base import Partition, PartitionError, flwr_indices, register
 
@@ -36,7 +35,7 @@ def client_sizes(num_examples: int, proportions: np.ndarray, min_partition_size:
 
 
 @register("quantity_skew")
-def quantity_skew(labels: np.ndarray, num_clients: int, seed: int = 42, beta: float = 0.5,
+def quantity_skew(labels: np.ndarray, num_clients: int, seed: int = 42, beta: float = 0.3,
                   exponent: float | None = None, min_partition_size: int = 1) -> Partition:
     """Unequal client sizes, IID labels.
 
@@ -48,7 +47,7 @@ def quantity_skew(labels: np.ndarray, num_clients: int, seed: int = 42, beta: fl
         Number of clients.
     seed : int (default: 42)
         Seed of the size draw and the shuffle.
-    beta : float (default: 0.5)
+    beta : float (default: 0.3)
         Dirichlet concentration of the size proportions (ignored when ``exponent`` is set).
     exponent : float or None (default: None)
         Power-law exponent; ``None`` uses the Dirichlet sizes.
@@ -60,6 +59,8 @@ def quantity_skew(labels: np.ndarray, num_clients: int, seed: int = 42, beta: fl
     list of np.ndarray
         Index arrays covering every example.
     """
+    from flwr_datasets.partitioner import SizePartitioner  # flwr_datasets imports `datasets` (~2 s)
+
     rng = np.random.default_rng(seed)
     if exponent is not None:
         proportions = (np.arange(num_clients) + 1.0) ** -float(exponent)

@@ -1,13 +1,17 @@
-"""Local training of one client on the shared model: batches, AdamW with warm-up, optional proximal term."""
+"""Local training of one client on the host model: batches, AdamW with warm-up, optional proximal term,
+and :func:`train_client`, which runs one :class:`~fedlora.protocol.ClientTask` into a reply."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from .. import adapters, lowrank, seeds
 
 IGNORE_INDEX = -100  # label value of prompt and padding tokens (fedlora.data.IGNORE_INDEX)
 
@@ -127,3 +131,87 @@ def mean_token_loss(stats: Tensor) -> float:
     """Token-weighted mean loss of :func:`token_losses` rows (NaN when there is no target token)."""
     total, tokens = (float(v) for v in stats.sum(0)) if len(stats) else (0.0, 0.0)
     return total / tokens if tokens > 0 else float("nan")
+
+
+# ---------------------------------------------------------------- one client's round, on the host
+
+@dataclass
+class ClientData:
+    """One client's own side: its encoded training split, its example indices, its label histogram and,
+    with ``optimizer_state="kept"``, its AdamW state between rounds."""
+
+    encoded: dict[str, Tensor]
+    indices: np.ndarray
+    label_histogram: np.ndarray | None = None
+    optimizer_state: dict | None = None
+
+
+def local_steps(settings, num_examples: int) -> int:
+    """``local_steps``, or enough steps for ``local_epochs`` passes over the client's data."""
+    if settings.local_steps:
+        return settings.local_steps
+    return max(1, int(np.ceil(settings.local_epochs * num_examples / settings.batch_size)))
+
+
+def train_client(host, task, data: ClientData):
+    """Train one client's task on the host and return its :class:`~fedlora.protocol.ClientReply`.
+
+    The only code that trains a client, whatever the runtime. The task's adapter and head are loaded into
+    the host's adapter of the task's rank; its frozen terms join the frozen weights for this task only;
+    modules outside ``task.modules`` neither train nor run a backward pass, and are not sent back.
+    """
+    from ..protocol import ClientReply
+
+    settings = task.train
+    adapter = host.adapter_for(task.rank)
+    host.install(task.adapter, task.head, adapter)
+    modules = set(task.modules) if task.modules is not None else None
+    with host.frozen_terms(task.frozen):
+        heads = host.heads(adapter)
+        params = adapters.adapter_parameters(host.layers, task.train_a, task.train_b, adapter, modules)
+        params += list(heads.values())
+        steps = local_steps(settings, len(data.indices))
+        torch.manual_seed(seeds.integer(task.seed, "dropout"))
+        batches = local_batches(data.indices, settings.batch_size, steps, seeds.sequence(task.seed, "batches"))
+        kept = data.optimizer_state if settings.optimizer_state == "kept" else None
+        loss, opt_state = train_local(
+            host.model, params, batches, data.encoded,
+            steps=steps, lr=settings.lr, weight_decay=settings.weight_decay,
+            warmup_steps=settings.warmup_steps, max_grad_norm=settings.max_grad_norm,
+            optimizer_state=kept, penalty=_proximal(host, task, adapter, modules),
+        )
+    if settings.optimizer_state == "kept":
+        data.optimizer_state = opt_state
+    trained = host.read_state(adapter)
+    reply = ClientReply(
+        round=task.round,
+        client_id=task.client_id,
+        rank=task.rank,
+        factors={m: s.factors for m, s in trained.items() if modules is None or m in modules},
+        num_examples=len(data.indices),
+        train_loss=loss,
+        head={k: p.detach().clone() for k, p in heads.items()},
+        label_histogram=(torch.as_tensor(data.label_histogram, dtype=torch.float64)
+                         if data.label_histogram is not None else None),
+        sent_a=task.train_a,
+    )
+    adapters.activate(host.model, adapters.ADAPTER)
+    return reply
+
+
+def _proximal(host, task, adapter: str, modules) -> Callable[[], Tensor] | None:
+    """``mu/2 sum_m s^2 ||B A - B0 A0||_F^2`` over the modules that train, in factored form."""
+    mu = float(task.proximal_mu)
+    if mu <= 0:
+        return None
+    pairs = [(host.layers[m], f) for m, f in task.adapter.items() if modules is None or m in modules]
+
+    def penalty() -> Tensor:
+        total = 0.0
+        for layer, f in pairs:
+            B = layer.lora_B[adapter].weight
+            A = layer.lora_A[adapter].weight
+            total = total + f.scale**2 * lowrank.proximal_penalty(B, A, f.B, f.A)
+        return 0.5 * mu * total
+
+    return penalty

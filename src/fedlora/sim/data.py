@@ -26,7 +26,7 @@ from ..data import (
     PERPLEXITY, compute_metric, encode, encode_instructions, load_instructions, load_source, primary_score,
 )
 from ..data.readers import SUFFIXES
-from ..partition import client_test_split, label_histograms, partition_labels, save_histograms
+from ..partition import PartitionError, client_test_split, label_histograms, partition_labels, save_histograms
 from .client import mean_token_loss
 
 log = logging.getLogger("fedlora")
@@ -113,19 +113,15 @@ def build_federated_data(cfg: RunConfig, run_dir: Path) -> FederatedData:
                          f"data has none (use {' or '.join(LABEL_FREE_SCHEMES)})")
     train_set, dev_set = load_dataset_for(cfg.data, cfg.seed, cfg.model.task_type)
     labels = np.asarray(train_set.labels)
-    opts = {
-        "iid": {},
-        "dirichlet": {"alpha": part.alpha},
-        "pathological": {"classes_per_client": part.classes_per_client},
-        "quantity_skew": {"beta": part.alpha},
-        "imbalanced": {"dominant_fraction": part.dominant_fraction},
-    }[part.scheme]
     if train_set.is_regression:
         if part.scheme not in ("iid", "quantity_skew"):
             raise ValueError(f"partition.scheme: {part.scheme!r} needs class labels; this task is a regression")
         # Regression: bin the targets so label-aware code paths still see classes.
         labels = np.digitize(labels, np.quantile(labels, [0.25, 0.5, 0.75]))
-    parts = partition_labels(labels, part.num_clients, part.scheme, cfg.seed, **opts)
+    try:  # part.options: the scheme's keyword options; names and types checked by the config, values here
+        parts = partition_labels(labels, part.num_clients, part.scheme, cfg.seed, **part.options)
+    except PartitionError as err:
+        raise PartitionError(f"partition: {err}") from None
     client_ids = [str(k) for k in range(part.num_clients)]
     train_idx, test_idx = {}, {}
     for cid, idx in zip(client_ids, parts):

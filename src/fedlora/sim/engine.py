@@ -1,88 +1,121 @@
-"""The in-process federated engine: one base model in memory, client adapters swapped in and out.
+"""The run loop: sample, configure, exchange through a runtime, aggregate, fold, evaluate, record, checkpoint.
 
-Per round: seeded client sampling; for each client, its payload (adapter factors, head) is written into the
-shared PEFT model, it trains locally, and its factors are copied out; the aggregator combines them; the
-corrections to the frozen weights are folded once, in place, in float32; the global model is evaluated; a
-metrics record and an atomic checkpoint are written. Memory grows with the clients' adapters (and kept
-optimizer states), never with copies of the model.
+The round itself is the protocol's (:class:`~fedlora.protocol.strategy.RoundStrategy`: tasks out, replies
+in); the clients train through a runtime (in-process on one shared host model by default); this module
+only drives them and keeps the run's state on disk. It writes nothing to the terminal: progress goes to the
+``on_event`` callback of :meth:`Simulation.run`, messages to the ``fedlora`` logger.
 
-Everything random is derived from ``(seed, round, client)``, so a run resumed from the checkpoint of round
-``t`` replays rounds ``t+1..`` exactly as an uninterrupted run would.
+Everything random is derived from named streams of ``(seed, round, client)`` (:mod:`fedlora.seeds`), so a
+run resumed from the checkpoint of round ``t`` replays rounds ``t+1..`` exactly as an uninterrupted run would.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .. import adapters, checkpoint, lowrank
-from ..aggregators import AGGREGATORS, Aggregator, get_aggregator, validate_update
-from ..config import RunConfig
+from .. import adapters, checkpoint, seeds
+from ..aggregators import AGGREGATORS, Aggregator, get_aggregator, method_options
+from ..config import RunConfig, TrainConfig
+from ..protocol import CorrectionHistory, TrainSettings
+from ..protocol.strategy import RoundResult, RoundStrategy
 from ..report import MetricsWriter
-from ..types import AggregationInputError, ClientUpdate, LoRAFactors, LowRank, ModuleState
-from .client import local_batches, predict, train_local
+from ..types import LowRank, ModuleState
+from .client import ClientData, predict
 from .data import FederatedData, build_federated_data, score
+from .host import ModelHost
+from .runtimes import InProcessRuntime
 
 log = logging.getLogger("fedlora")
-
-
 class Simulation:
     """Run a federated experiment described by a :class:`~fedlora.config.RunConfig`.
 
     ``Simulation(cfg).run()`` trains all rounds; ``Simulation.resume(run_dir).run()`` continues the newest
-    checkpoint of ``run_dir``.
+    intact checkpoint of ``run_dir``. ``runtime`` is the runtime class (``InProcessRuntime`` or the
+    serialising stand-in ``SerializingRuntime``); it gets the host model and each client's data.
     """
 
-    def __init__(self, cfg: RunConfig, *, progress: bool = True):
+    def __init__(self, cfg: RunConfig, *, runtime: type[InProcessRuntime] = InProcessRuntime):
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir)
-        self.progress = progress
         self.aggregator: Aggregator = self.check(cfg)  # method and model fail before any data is read
         self.skipped: list[str] = []
         self.data: FederatedData = build_federated_data(cfg, self.run_dir)
         base, self.tokenizer = adapters.load_base_model(cfg.model, self.data.num_labels, cfg.seed)
         self.data.encode(self.tokenizer, cfg.model.max_length)
-        self.model = adapters.attach_lora(base, cfg.lora, cfg.model.task_type)
-        self.layers = adapters.lora_layers(self.model)
-        self.client_ranks = self._client_ranks()
-        self.global_state: dict[str, ModuleState] = adapters.read_state(self.layers)
-        self.global_head = {k: p.detach().clone() for k, p in adapters.head_parameters(self.model).items()}
-        self.corrections: list[dict[str, LowRank]] = []  # one dict per round, in order
-        self.optimizer_states: dict[str, dict] = {}
+        ranks = cfg.lora.client_ranks or [cfg.lora.rank]
+        self.client_ranks = {cid: ranks[i % len(ranks)] for i, cid in enumerate(self.data.client_ids)}
+        model = adapters.attach_lora(base, cfg.lora, cfg.model.task_type)
+        self.host = ModelHost(model, cfg.lora, cfg.model.task_type, self.client_ranks.values())
+        self.clients = {
+            cid: ClientData(self.data.train, self.data.train_indices[cid], self.data.histograms[cid])
+            for cid in self.data.client_ids
+        }
+        self.runtime = runtime(self.host, self.clients)
+        head = {k: p.detach().clone() for k, p in self.host.heads().items()}
+        self.strategy = RoundStrategy(
+            self.aggregator, self.host.read_state(), head, train=train_settings(cfg.train),
+            ranks=self.client_ranks, seed=cfg.seed, history=CorrectionHistory(load=self._corrections_of),
+        )
         self.records: list[dict] = []
         self.next_round = 0
+        self._round_corrections: dict[str, LowRank] = {}
 
     @staticmethod
     def check(cfg: RunConfig) -> Aggregator:
-        """The run's aggregator, after checking its options and that the model can be found (one-line errors)."""
+        """The run's aggregator, after checking its options and that the model can be found (one-line errors).
+
+        A method with a ``seed`` option (FLoRA's fresh factors) follows the run's seed unless it is given.
+        """
+        options = dict(cfg.federation.method_options)
         try:
-            aggregator = get_aggregator(cfg.federation.method, **cfg.federation.method_options)
-        except ValueError as err:
+            if "seed" in method_options(cfg.federation.method) and "seed" not in options:
+                options["seed"] = cfg.seed
+            aggregator = get_aggregator(cfg.federation.method, **options)
+        except (KeyError, ValueError) as err:
             key = "federation.method_options" if cfg.federation.method in AGGREGATORS else "federation.method"
-            raise ValueError(f"{key}: {err}") from None
+            raise ValueError(f"{key}: {str(err).strip(chr(39))}") from None
         adapters.check_model(cfg.model)
         return aggregator
 
-    # ------------------------------------------------------------------ setup helpers
-    def _client_ranks(self) -> dict[str, int]:
-        """Each client's LoRA rank (``lora.client_ranks`` cycled); other ranks get adapters of their own."""
-        ranks = self.cfg.lora.client_ranks or [self.cfg.lora.rank]
-        out = {cid: ranks[i % len(ranks)] for i, cid in enumerate(self.data.client_ids)}
-        for r in sorted(set(out.values()) - {self.cfg.lora.rank}):
-            adapters.add_rank_adapter(self.model, self.cfg.lora, self.cfg.model.task_type, r)
-        adapters.activate(self.model, adapters.ADAPTER)
-        return out
+    # ------------------------------------------------------------------ views
+    @property
+    def model(self):
+        return self.host.model
 
-    def _adapter_for(self, cid: str) -> str:
-        rank = self.client_ranks[cid]
-        return adapters.ADAPTER if rank == self.cfg.lora.rank else adapters.rank_adapter_name(rank)
+    @property
+    def layers(self):
+        return self.host.layers
 
+    @property
+    def global_state(self) -> dict[str, ModuleState]:
+        return self.strategy.global_state
+
+    @property
+    def global_head(self) -> dict[str, torch.Tensor]:
+        return self.strategy.head
+
+    @property
+    def optimizer_states(self) -> dict[str, dict]:
+        """The AdamW states clients keep between rounds (``train.optimizer_state=kept``), by client."""
+        return {cid: c.optimizer_state for cid, c in self.clients.items() if c.optimizer_state is not None}
+
+    @property
+    def corrections(self) -> list[dict[str, LowRank]]:
+        """Each round's corrections, in order (read from the checkpoints)."""
+        return [self.strategy.history.get(r) for r in range(1, self.strategy.history.latest + 1)]
+
+    def _corrections_of(self, round_number: int) -> dict[str, LowRank]:
+        return checkpoint.load_corrections(checkpoint.round_dir(self.run_dir, round_number))
+
+    # ------------------------------------------------------------------ resume
     @classmethod
-    def resume(cls, run_dir: str | Path, *, rounds: int | None = None, progress: bool = True) -> Simulation:
+    def resume(cls, run_dir: str | Path, *, rounds: int | None = None, **kwargs) -> Simulation:
         """Rebuild a run from its newest intact checkpoint; ``rounds`` extends a run to that many rounds.
 
         A damaged newer round (a checksum that does not match, a missing or truncated file) is passed over
@@ -105,7 +138,7 @@ class Simulation:
             raw = {**raw, "federation": {**raw.get("federation", {}), "rounds": rounds}}
         cfg = config_from_dict(raw)
         cfg.output_dir = str(run_dir)
-        sim = cls(cfg, progress=progress)
+        sim = cls(cfg, **kwargs)
         for line in found.skipped:
             log.warning("%s", line)
         sim.skipped = found.skipped
@@ -116,149 +149,45 @@ class Simulation:
         completed = int(state["round"])
         checkpoint.remove_rounds_after(self.run_dir, completed)
         for r in range(1, completed + 1):  # replay every fold in order: bit-identical base weights
-            corr = checkpoint.load_corrections(checkpoint.round_dir(self.run_dir, r))
-            adapters.fold_corrections(self.layers, corr)
-            self.corrections.append(corr)
+            self.host.fold(self._corrections_of(r))
         folder = checkpoint.round_dir(self.run_dir, completed)
         scales = {m: st.factors.scale for m, st in self.global_state.items()}
-        factors, self.global_head = checkpoint.load_adapter(folder, scales, self.global_head)
-        self.global_state = {m: ModuleState(f, self.global_state[m].layout) for m, f in factors.items()}
-        self.optimizer_states = _unflatten_optimizers(checkpoint.load_tensors(folder, "optimizer"), state)
+        factors, head = checkpoint.load_adapter(folder, scales, self.global_head)
+        strategy = self.strategy
+        strategy.global_state = {m: ModuleState(f, strategy.global_state[m].layout) for m, f in factors.items()}
+        strategy.head = head
+        strategy.history = CorrectionHistory(load=self._corrections_of, latest=completed)
+        strategy.synced = {cid: int(v) for cid, v in state.get("synced", {}).items()}
+        for cid, opt in _unflatten_optimizers(checkpoint.load_tensors(folder, "optimizer"), state).items():
+            self.clients[cid].optimizer_state = opt
         self.records = list(state["metrics"])
         self.next_round = completed
-        self._install_global()
+        self.host.install_global(strategy.global_state, strategy.head)
         with MetricsWriter(self.run_dir, tensorboard=False) as writer:
             writer.truncate_after(completed)
         log.info("resumed %s after round %d", self.run_dir, completed)
 
-    # ------------------------------------------------------------------ model state swaps
-    def _install(self, factors: dict[str, LoRAFactors], head: dict[str, torch.Tensor], adapter: str) -> None:
-        adapters.activate(self.model, adapter)
-        adapters.write_factors(self.layers, factors, adapter)
-        with torch.no_grad():
-            for k, p in adapters.head_parameters(self.model, adapter).items():
-                p.copy_(head[k])
-
-    def _install_global(self) -> None:
-        self._install({m: s.factors for m, s in self.global_state.items()}, self.global_head, adapters.ADAPTER)
-
-    # ------------------------------------------------------------------ one client
-    def _train_client(self, cid: str, round_idx: int) -> tuple[ClientUpdate, dict[str, torch.Tensor], float]:
-        cfg = self.cfg
-        adapter = self._adapter_for(cid)
-        payload = self.aggregator.payload(self.global_state, self.client_ranks[cid], round_idx)
-        start = {m: p.adapter for m, p in payload.items()}
-        self._install(start, self.global_head, adapter)
-        # A frozen low-rank term (HEXA's exact heterogeneous ranks) joins W for this client only; the
-        # original weights are put back bit for bit afterwards.
-        frozen = {m: p.frozen for m, p in payload.items() if p.frozen is not None and p.frozen.rank > 0}
-        saved = {m: w.clone() for m, w in adapters.base_weights(self.layers, frozen).items()}
-        adapters.fold_corrections(self.layers, frozen)
-        try:
-            train_a, train_b = self.aggregator.trains(round_idx)
-            heads = adapters.head_parameters(self.model, adapter)
-            params = adapters.adapter_parameters(self.layers, train_a, train_b, adapter) + list(heads.values())
-            indices = self.data.train_indices[cid]
-            steps = cfg.train.local_steps or max(
-                1, int(np.ceil(cfg.train.local_epochs * len(indices) / cfg.train.batch_size))
-            )
-            torch.manual_seed(_seed(cfg.seed, round_idx, cid))  # dropout
-            batches = local_batches(indices, cfg.train.batch_size, steps, [cfg.seed, round_idx, int(cid), 1])
-            loss, opt_state = train_local(
-                self.model, params, batches, self.data.train,
-                steps=steps, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                warmup_steps=cfg.train.warmup_steps, max_grad_norm=cfg.train.max_grad_norm,
-                optimizer_state=self.optimizer_states.get(cid) if cfg.train.optimizer_state == "kept" else None,
-                penalty=self._proximal(start, adapter),
-            )
-        finally:
-            with torch.no_grad():
-                for m, w in adapters.base_weights(self.layers, saved).items():
-                    w.copy_(saved[m])
-        if cfg.train.optimizer_state == "kept":
-            self.optimizer_states[cid] = opt_state
-        trained = adapters.read_state(self.layers, adapter)
-        update = ClientUpdate(
-            client_id=cid,
-            factors={m: s.factors for m, s in trained.items()},
-            num_examples=len(indices),
-            rank=self.client_ranks[cid],
-            label_histogram=torch.as_tensor(self.data.histograms[cid], dtype=torch.float64),
-        )
-        head = {k: p.detach().clone() for k, p in heads.items()}
-        adapters.activate(self.model, adapters.ADAPTER)
-        return update, head, loss
-
-    def _proximal(self, start: dict[str, LoRAFactors], adapter: str):
-        mu = float(getattr(self.aggregator, "proximal_mu", 0.0))
-        if mu <= 0:
-            return None
-        pairs = [(self.layers[m], f) for m, f in start.items()]
-
-        def penalty() -> torch.Tensor:
-            total = 0.0
-            for layer, f in pairs:
-                B = layer.lora_B[adapter].weight
-                A = layer.lora_A[adapter].weight
-                total = total + f.scale**2 * lowrank.proximal_penalty(B, A, f.B, f.A)
-            return 0.5 * mu * total
-
-        return penalty
-
     # ------------------------------------------------------------------ one round
     def sample_clients(self, round_idx: int) -> list[str]:
-        rng = np.random.default_rng([self.cfg.seed, round_idx, 7])
+        rng = seeds.rng([self.cfg.seed, round_idx], "sampling")
         ids = self.data.client_ids
         chosen = rng.choice(len(ids), size=self.cfg.federation.clients_per_round, replace=False)
         return [ids[i] for i in sorted(chosen)]
 
-    def run_round(self, round_idx: int, on_client=None) -> dict:
+    def run_round(self, round_idx: int, on_client: Callable[[str], None] | None = None) -> dict:
         t0 = time.perf_counter()
-        updates, heads, losses, rejected = [], {}, [], []
-        for cid in self.sample_clients(round_idx):
-            update, head, loss = self._train_client(cid, round_idx)
-            try:
-                validate_update(self.global_state, update)
-                for k, h in head.items():
-                    if not torch.isfinite(h).all():
-                        raise AggregationInputError(f"head {k} contains NaN or Inf", client_id=cid)
-            except AggregationInputError as err:
-                log.warning("round %d: rejected update: %s", round_idx + 1, err)
-                rejected.append(cid)
-            else:
-                updates.append(update)
-                heads[cid] = head
-                losses.append(loss)
-            if on_client is not None:
-                on_client()
-
-        record = {"round": round_idx + 1, "method": self.aggregator.name, "clients": [u.client_id for u in updates],
-                  "rejected": rejected}
-        corrections: dict[str, LowRank] = {}
-        if updates:
-            result = self.aggregator.aggregate(self.global_state, updates, round_idx)
-            corrections = result.corrections
-            adapters.fold_corrections(self.layers, corrections)
-            self.global_state = result.global_state
-            self.global_head = {
-                k: sum(result.weights[cid] * heads[cid][k] for cid in heads) for k in self.global_head
-            }
-            head_bytes = sum(t.numel() * t.element_size() for t in self.global_head.values())
-            record.update(
-                agg_error=result.error,
-                agg_error_max=max(result.errors.values()),
-                bytes_up=sum(result.bytes_up.values()) + head_bytes * len(updates),
-                bytes_down=sum(result.bytes_down.values()) + head_bytes * len(updates),
-                bytes_up_per_client={c: b + head_bytes for c, b in result.bytes_up.items()},
-                bytes_down_per_client={c: b + head_bytes for c, b in result.bytes_down.items()},
-                train_loss=float(np.mean(losses)),
-                weights=result.weights,
-            )
-        else:
+        tasks = self.strategy.configure_train(round_idx, self.sample_clients(round_idx))
+        exchange = self.runtime.exchange(tasks, on_reply=on_client)
+        result = self.strategy.aggregate_train(round_idx, tasks, exchange.replies, exchange.failed)
+        for why in result.rejected.values():
+            log.warning("round %d: rejected update: %s", round_idx + 1, why)
+        if not result.clients:
             log.warning("round %d: every update was rejected; the global model is unchanged", round_idx + 1)
-        self.corrections.append(corrections)
-        self._install_global()
-        record.update(self.evaluate([u.client_id for u in updates]))
+        self.host.fold(result.corrections)
+        self._round_corrections = result.corrections  # written by the round's checkpoint
+        self.host.install_global(result.global_state, result.head)
+        record = _record(self.aggregator.name, result, exchange.header_bytes)
+        record.update(self.evaluate(result.clients))
         record["round_time_s"] = time.perf_counter() - t0
         return record
 
@@ -282,7 +211,7 @@ class Simulation:
     def _checkpoint(self, round_number: int) -> None:
         factors = {m: s.factors for m, s in self.global_state.items()}
         adapter = checkpoint.adapter_tensors(factors, self.global_head)
-        corr = checkpoint.correction_tensors(self.corrections[round_number - 1])
+        corr = checkpoint.correction_tensors(self._round_corrections)
         opt_tensors, opt_meta = _flatten_optimizers(self.optimizer_states)
         state = {
             "round": round_number,
@@ -291,33 +220,34 @@ class Simulation:
             "config": self.cfg.to_dict(),
             "metrics": self.records,
             "optimizer_meta": opt_meta,
+            "synced": self.strategy.synced,
         }
         checkpoint.save_round(
             self.run_dir, round_number, {"adapter": adapter, "correction": corr, "optimizer": opt_tensors}, state
         )
 
     # ------------------------------------------------------------------ the loop
-    def run(self, stop_after: int | None = None) -> list[dict]:
-        """Train the remaining rounds (or up to round ``stop_after``); returns all metric records."""
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    def run(self, stop_after: int | None = None, on_event: Callable[..., None] | None = None) -> list[dict]:
+        """Train the remaining rounds (or up to round ``stop_after``); returns all metric records.
 
+        ``on_event(kind, **info)`` hears ``"start"`` (``total``, ``done``, ``clients_per_round``),
+        ``"client"`` (``round``, ``client``) and ``"round"`` (``record``), e.g. to draw progress bars.
+        """
         cfg = self.cfg
+        emit = on_event or (lambda kind, **info: None)
         last = cfg.federation.rounds if stop_after is None else min(stop_after, cfg.federation.rounds)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         t_start = time.perf_counter() - (self.records[-1]["wall_time_s"] if self.records else 0.0)
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with MetricsWriter(self.run_dir) as writer, Progress(*columns, disable=not self.progress) as bar:
-            rounds_task = bar.add_task(f"{self.aggregator.name} rounds", total=last, completed=self.next_round)
-            clients_task = bar.add_task("clients", total=cfg.federation.clients_per_round)
+        emit("start", total=last, done=self.next_round, clients_per_round=cfg.federation.clients_per_round)
+        with MetricsWriter(self.run_dir) as writer:
             for round_idx in range(self.next_round, last):
-                bar.reset(clients_task, total=cfg.federation.clients_per_round)
-                record = self.run_round(round_idx, on_client=lambda: bar.advance(clients_task))
+                record = self.run_round(round_idx, on_client=lambda cid, r=round_idx: emit("client", round=r + 1, client=cid))
                 record["wall_time_s"] = time.perf_counter() - t_start
                 self.records.append(record)
                 writer.write(record)
                 self._checkpoint(round_idx + 1)
                 self.next_round = round_idx + 1
-                bar.advance(rounds_task)
+                emit("round", record=record)
                 log.info(
                     "round %d/%d %s=%.4f eval_loss=%.4f agg_error=%.2e",
                     round_idx + 1, cfg.federation.rounds, record["metric_name"], record["metric"],
@@ -326,8 +256,32 @@ class Simulation:
         return self.records
 
 
-def _seed(seed: int, round_idx: int, cid: str) -> int:
-    return int(np.random.default_rng([seed, round_idx, int(cid), 2]).integers(2**62))
+def train_settings(train: TrainConfig) -> TrainSettings:
+    """The protocol's training settings from the run config."""
+    return TrainSettings(
+        local_steps=train.local_steps, local_epochs=train.local_epochs, batch_size=train.batch_size, lr=train.lr,
+        weight_decay=train.weight_decay, warmup_steps=train.warmup_steps, max_grad_norm=train.max_grad_norm,
+        optimizer_state=train.optimizer_state,
+    )
+
+
+def _record(method: str, result: RoundResult, header_bytes: dict[str, int]) -> dict:
+    """The metrics record of one round, before evaluation."""
+    record = {"round": result.round, "method": method, "clients": result.clients, "rejected": list(result.rejected)}
+    if result.clients:
+        record.update(
+            agg_error=result.error,
+            agg_error_max=max(result.errors.values()),
+            bytes_up=sum(result.bytes_up.values()),
+            bytes_down=sum(result.bytes_down.values()),
+            bytes_up_per_client=result.bytes_up,
+            bytes_down_per_client=result.bytes_down,
+            train_loss=result.train_loss,
+            weights=result.weights,
+        )
+    if header_bytes:
+        record["header_bytes"] = sum(header_bytes.values())
+    return record
 
 
 def _flatten_optimizers(states: dict[str, dict]) -> tuple[dict[str, torch.Tensor], dict]:

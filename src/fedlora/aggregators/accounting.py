@@ -1,0 +1,99 @@
+"""What a round is measured by: its aggregation error against the ideal, and its bytes on the wire.
+
+The aggregation error of a round (``METHODS.md``) is ``||ideal - applied||_F / ||ideal - start||_F`` with
+
+* ideal   = ``W + sum_k p_k (s_k B_k A_k + F_k)`` (``F_k`` the frozen term client ``k`` held),
+* applied = ``W`` plus every correction, plus the new global ``s B A``,
+* start   = ``W + s B0 A0``,
+
+per module and over all modules, all from factors (``W`` cancels, nothing dense is formed). Bytes count the
+numbers that cross the wire at the global adapter's element size: uplink the factors each client trained,
+downlink its next payload plus the round's corrections.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from .. import lowrank
+from ..types import ClientPayload, ClientUpdate, LoRAFactors, LowRank
+
+if TYPE_CHECKING:  # base imports this module; Round is only an annotation here
+    from .base import Round
+
+
+def as_lowrank64(adapter: LoRAFactors | None, extra: LowRank | None = None) -> LowRank:
+    """``scale * B @ A`` (plus ``extra``) as a float64 product, the scale applied in float64."""
+    terms = []
+    if adapter is not None:
+        terms.append(LowRank(adapter.B.double() * adapter.scale, adapter.A.double()))
+    if extra is not None:
+        terms.append(LowRank(extra.left.double(), extra.right.double()))
+    return terms[0] if len(terms) == 1 else lowrank.concat(terms)
+
+
+def aggregation_errors(
+    rnd: Round, new_factors: Mapping[str, LoRAFactors], corrections: Mapping[str, LowRank]
+) -> tuple[dict[str, float], float, dict[str, float]]:
+    """Per-module errors, the overall one, and the sums behind it, for the new adapter and ``corrections``.
+
+    A module absent from ``corrections`` has none. The sums are ``{"error_num_sq": sum_m ||ideal -
+    applied||^2, "error_den_sq": sum_m ||ideal - start||^2}`` (they ride in ``AggregationResult.info``), so a
+    caller that aggregates groups of modules separately can combine the groups' overall error exactly. The
+    error is measured in float64 from the stored factors: in float32 the cancellation in ``ideal - applied``
+    would otherwise leave rounding noise (~1e-5 relative) in an exact method's error.
+    """
+    errors, num_sq, den_sq = {}, 0.0, 0.0
+    for m, state in rnd.global_state.items():
+        ideal = lowrank.concat([as_lowrank64(rnd.trained[k][m], rnd.payloads[k][m].frozen)
+                                for k in range(len(rnd.updates))], rnd.weights)
+        applied = [as_lowrank64(new_factors[m])]
+        if m in corrections:
+            applied.append(as_lowrank64(None, corrections[m]))
+        num = lowrank.frobenius_norm(lowrank.concat([ideal, *applied], [1.0] + [-1.0] * len(applied)))
+        den = lowrank.frobenius_norm(lowrank.subtract(ideal, as_lowrank64(state.factors)))
+        errors[m] = _ratio(num, den)
+        num_sq += num * num
+        den_sq += den * den
+    sums = {"error_num_sq": num_sq, "error_den_sq": den_sq}
+    return errors, _ratio(math.sqrt(num_sq), math.sqrt(den_sq)), sums
+
+
+def _ratio(num: float, den: float) -> float:
+    if den == 0.0:
+        return 0.0 if num == 0.0 else math.inf
+    return num / den
+
+
+def wire_bytes(
+    updates: Sequence[ClientUpdate],
+    next_payloads: Mapping[str, Mapping[str, ClientPayload]],
+    corrections: Mapping[str, LowRank],
+    *,
+    ship_a: bool,
+    itemsize: int,
+) -> tuple[dict[str, int], dict[str, int]]:
+    """``(bytes_up, bytes_down)`` per client id.
+
+    Uplink: each update's ``B``, and ``A`` when it trained this round (``ship_a``). Downlink, one entry per
+    client in ``next_payloads`` (none when it is empty): every correction of the round plus the client's
+    next payload, whose ``A`` ships only when it trained this round (else the client already holds it).
+    """
+    correction_numel = sum(lowrank.wire_numel(c) for c in corrections.values())
+    bytes_up = {
+        u.client_id: itemsize * sum(f.B.numel() + (f.A.numel() if ship_a else 0) for f in u.factors.values())
+        for u in updates
+    }
+    bytes_down = {
+        cid: itemsize * (correction_numel + sum(_payload_numel(p, ship_a=ship_a) for p in pay.values()))
+        for cid, pay in next_payloads.items()
+    }
+    return bytes_up, bytes_down
+
+
+def _payload_numel(p: ClientPayload, *, ship_a: bool) -> int:
+    # A factor that did not train this round (FFA's seeded A) is already on the client.
+    n = p.adapter.B.numel() + (p.adapter.A.numel() if ship_a else 0)
+    return n + (lowrank.wire_numel(p.frozen) if p.frozen is not None else 0)

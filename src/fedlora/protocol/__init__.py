@@ -1,0 +1,40 @@
+"""The round protocol every runtime speaks: messages between server and clients, and the correction
+history that lets a client catch up on the frozen weights.
+
+Imports only :mod:`fedlora.types`, :mod:`fedlora.lowrank`, :mod:`fedlora.aggregators`, torch and
+safetensors (``tests/protocol/test_imports.py`` checks it): no models, data, engines or CLI.
+"""
+
+from .history import CorrectionHistory
+from .messages import (
+    REPLY_FORMAT,
+    TASK_FORMAT,
+    ClientReply,
+    ClientTask,
+    MessageError,
+    TrainSettings,
+    decode_reply,
+    decode_task,
+    encode_reply,
+    encode_task,
+    message_sizes,
+    reply_tensor_bytes,
+    task_tensor_bytes,
+)
+
+__all__ = [
+    "REPLY_FORMAT",
+    "TASK_FORMAT",
+    "ClientReply",
+    "ClientTask",
+    "CorrectionHistory",
+    "MessageError",
+    "TrainSettings",
+    "decode_reply",
+    "decode_task",
+    "encode_reply",
+    "encode_task",
+    "message_sizes",
+    "reply_tensor_bytes",
+    "task_tensor_bytes",
+]
