@@ -10,14 +10,13 @@ import pytest
 
 from fedlora.report import (
     AGG_ERROR_FLOOR,
-    MetricsWriter,
     compare_markdown,
     higher_is_better,
-    load_metrics,
     plot_compare,
     plot_run,
     summary_table,
 )
+from fedlora.runlog import MetricsWriter, load_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import fsync_dir as _fsync_dir
+from .atomic import write_json_atomic
 from .types import LoRAFactors, LowRank
 
 CHECKPOINTS = "checkpoints"
@@ -39,24 +41,6 @@ _ROUND_DIR = re.compile(r"^round_(\d{4,})$")
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be used: missing, truncated or altered file; the message names it."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _digest(path: Path) -> dict:

@@ -87,7 +87,7 @@ def _load(args, data_dir: str | None, extra: list[str] = ()):
 
 def _holds_run(run_dir: Path) -> bool:
     from .checkpoint import has_checkpoints
-    from .report import METRICS_FILE
+    from .runlog import METRICS_FILE
 
     return has_checkpoints(run_dir) or (run_dir / METRICS_FILE).exists()
 

@@ -24,7 +24,7 @@ from ..aggregators import AGGREGATORS, Aggregator, get_aggregator, method_option
 from ..config import RunConfig, TrainConfig
 from ..protocol import CorrectionHistory, TrainSettings
 from ..protocol.strategy import RoundResult, RoundStrategy
-from ..report import MetricsWriter
+from ..runlog import MetricsWriter
 from ..types import LowRank, ModuleState
 from .client import ClientData, predict
 from .data import FederatedData, build_federated_data, score
