@@ -6,15 +6,7 @@ The engine writes one JSON record per round (:mod:`fedlora.runlog`); this module
 * :func:`compare_markdown` -- a markdown table with one row per method;
 * :func:`plot_run` / :func:`plot_compare` -- PNG figures.
 
-A record looks like::
-
-    {"round": 1, "method": "hexa", "metric_name": "accuracy", "metric": 0.81, "eval_loss": 0.45,
-     "local_metric": 0.80, "train_loss": 0.52, "agg_error": 1.2e-7, "agg_error_max": 3e-7,
-     "bytes_up": 123456, "bytes_down": 234567, "bytes_up_per_client": {"3": 30000},
-     "bytes_down_per_client": {"3": 60000}, "clients": ["3"], "rejected": [],
-     "round_time_s": 12.3, "wall_time_s": 40.1}
-
-Only ``round`` is required; any other key may be missing or ``null`` and is then shown as a dash or left
+Records are those of :mod:`fedlora.runlog` (its docstring shows one). Only ``round`` is required; any other key may be missing or ``null`` and is then shown as a dash or left
 out of a plot. ``wall_time_s`` is read as the time since the start of the run (cumulative), and
 ``round_time_s`` as the time of that round alone. Sizes are reported in MB = 10**6 bytes.
 
