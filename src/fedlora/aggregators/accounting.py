@@ -54,14 +54,15 @@ def aggregation_errors(
             applied.append(as_lowrank64(None, corrections[m]))
         num = lowrank.frobenius_norm(lowrank.concat([ideal, *applied], [1.0] + [-1.0] * len(applied)))
         den = lowrank.frobenius_norm(lowrank.subtract(ideal, as_lowrank64(state.factors)))
-        errors[m] = _ratio(num, den)
+        errors[m] = error_ratio(num, den)
         num_sq += num * num
         den_sq += den * den
     sums = {"error_num_sq": num_sq, "error_den_sq": den_sq}
-    return errors, _ratio(math.sqrt(num_sq), math.sqrt(den_sq)), sums
+    return errors, error_ratio(math.sqrt(num_sq), math.sqrt(den_sq)), sums
 
 
-def _ratio(num: float, den: float) -> float:
+def error_ratio(num: float, den: float) -> float:
+    """``num / den``, with 0/0 = 0 and x/0 = inf (an update that started where the ideal is)."""
     if den == 0.0:
         return 0.0 if num == 0.0 else math.inf
     return num / den

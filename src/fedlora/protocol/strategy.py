@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..aggregators import Aggregator, validate_update
+from ..aggregators.accounting import error_ratio
 from ..types import AggregationInputError, ClientPayload, ClientUpdate, LowRank, ModuleState
 from .history import CorrectionHistory
 from .messages import ClientReply, ClientTask, TrainSettings, reply_tensor_bytes, task_tensor_bytes
@@ -108,12 +109,15 @@ class RoundStrategy:
         train_a, train_b = self.aggregator.trains(round_idx)
         mu = float(self.aggregator.proximal_mu)
         self._payloads = {}
+        catch_up: dict[int, dict[str, LowRank]] = {}  # clients at one version share one (read, compressed) sum
         tasks = {}
         for cid in clients:
             rank = self.ranks[cid]
             payload = self.aggregator.payload(self.global_state, rank, round_idx)
             self._payloads[cid] = payload
             version = self.synced.get(cid, 0)
+            if version not in catch_up:
+                catch_up[version] = self.history.since(version)
             modules = self.modules_for(cid, round_idx) if self.modules_for is not None else None
             tasks[cid] = ClientTask(
                 round=round_idx,
@@ -128,7 +132,7 @@ class RoundStrategy:
                 train=self.train,
                 proximal_mu=mu,
                 seed=[self.seed, round_idx, self.index[cid]],
-                catch_up=self.history.since(version),
+                catch_up=catch_up[version],
                 catch_up_from=version,
                 catch_up_to=self.history.latest,
             )
@@ -161,23 +165,20 @@ class RoundStrategy:
         corrections: dict[str, LowRank] = {}
         weights: dict[str, float] = {}
         errors: dict[str, float] = {}
-        num_sq = den_sq = 0.0
+        num_sq = den_sq = 0.0  # the error's sums over all groups, as aggregate() forms them for one
         new_state = dict(self.global_state)
         if accepted:
-            groups = self._groups(tasks, accepted)
-            for group, modules in groups.items():
+            for group, modules in self._groups(tasks, accepted).items():
                 result = self._aggregate_group(round_idx, group, modules, tasks, accepted)
                 for m in modules:
                     new_state[m] = result.global_state[m]
                 corrections.update(result.corrections)
                 errors.update(result.errors)
-                n_sq, d_sq = result.info.get("error_num_sq"), result.info.get("error_den_sq")
-                if n_sq is not None and d_sq is not None:
-                    num_sq, den_sq = num_sq + n_sq, den_sq + d_sq
+                num_sq += result.info["error_num_sq"]
+                den_sq += result.info["error_den_sq"]
                 if len(result.weights) >= len(weights):  # the widest group's weights serve the heads
                     weights = result.weights
-            # one group (every client trained every module): the aggregator's own overall error
-            error = result.error if len(groups) == 1 else _overall_error(errors, num_sq, den_sq)
+            error = error_ratio(math.sqrt(num_sq), math.sqrt(den_sq))
             self.head = {k: sum(weights[cid] * accepted[cid].head[k] for cid in weights) for k in self.head}
             self.global_state = new_state
             train_loss = float(sum(accepted[c].train_loss for c in accepted) / len(accepted))
@@ -234,10 +235,4 @@ class RoundStrategy:
         updates = [self._update(tasks[c], accepted[c], modules) for c in group]
         payloads = {c: {m: self._payloads[c][m] for m in modules} for c in group}
         return self.aggregator.aggregate(sub, updates, round_idx, payloads=payloads, next_payloads=False)
-
-
-def _overall_error(errors: dict[str, float], num_sq: float, den_sq: float) -> float | None:
-    if den_sq > 0:
-        return math.sqrt(num_sq) / math.sqrt(den_sq)
-    return 0.0 if errors and num_sq == 0 else (math.inf if num_sq > 0 else None)
 
