@@ -72,14 +72,14 @@ class Simulation:
 
         A method with a ``seed`` option (FLoRA's fresh factors) follows the run's seed unless it is given.
         """
-        options = dict(cfg.federation.method_options)
+        method, options = cfg.federation.method, dict(cfg.federation.method_options)
         try:
-            if "seed" in method_options(cfg.federation.method) and "seed" not in options:
+            if method in AGGREGATORS and "seed" in method_options(method) and "seed" not in options:
                 options["seed"] = cfg.seed
-            aggregator = get_aggregator(cfg.federation.method, **options)
-        except (KeyError, ValueError) as err:
-            key = "federation.method_options" if cfg.federation.method in AGGREGATORS else "federation.method"
-            raise ValueError(f"{key}: {str(err).strip(chr(39))}") from None
+            aggregator = get_aggregator(method, **options)
+        except ValueError as err:
+            key = "federation.method_options" if method in AGGREGATORS else "federation.method"
+            raise ValueError(f"{key}: {err}") from None
         adapters.check_model(cfg.model)
         return aggregator
 
@@ -111,7 +111,7 @@ class Simulation:
         return [self.strategy.history.get(r) for r in range(1, self.strategy.history.latest + 1)]
 
     def _corrections_of(self, round_number: int) -> dict[str, LowRank]:
-        return checkpoint.load_corrections(checkpoint.round_dir(self.run_dir, round_number))
+        return checkpoint.load_round_corrections(self.run_dir, round_number)
 
     # ------------------------------------------------------------------ resume
     @classmethod
