@@ -277,6 +277,11 @@ def load_corrections(folder: Path) -> dict[str, LowRank]:
     return out
 
 
+def load_round_corrections(run_dir: Path, round_number: int) -> dict[str, LowRank]:
+    """The corrections folded in round ``round_number`` of ``run_dir`` (a loader for the correction history)."""
+    return load_corrections(round_dir(run_dir, round_number))
+
+
 def adapter_tensors(factors: dict[str, LoRAFactors], head: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``{module}.lora_A`` / ``{module}.lora_B`` for the global adapter and ``head.{name}`` for the heads."""
     out = {f"head.{k}": v for k, v in head.items()}

@@ -29,6 +29,7 @@ import torch
 
 from . import adapters, checkpoint, lowrank
 from .config import config_from_dict
+from .protocol import CorrectionHistory
 from .types import LoRAFactors, LowRank
 
 RANK_ERROR_FILE = "rank_error.json"
@@ -53,12 +54,10 @@ class ExportResult:
 
 
 def cumulative_corrections(run_dir: Path, last_round: int) -> dict[str, LowRank]:
-    """Sum of the per-round corrections of rounds ``1..last_round``, kept as factors (re-compressed)."""
-    terms: dict[str, list[LowRank]] = {}
-    for r in range(1, last_round + 1):
-        for m, c in checkpoint.load_corrections(checkpoint.round_dir(run_dir, r)).items():
-            terms.setdefault(m, []).append(c)
-    return {m: lowrank.compact(lowrank.concat(ts)) for m, ts in terms.items()}
+    """Sum of the per-round corrections of rounds ``1..last_round``, kept as factors: what a client that
+    never took part would catch up on (:meth:`~fedlora.protocol.CorrectionHistory.since` version 0)."""
+    history = CorrectionHistory(load=lambda r: checkpoint.load_round_corrections(run_dir, r), latest=last_round)
+    return history.since(0)
 
 
 def _check_rank(rank: int | None) -> None:
