@@ -43,3 +43,12 @@ def torch_single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    """A tiny random BERT folder and a synthetic sentiment TSV (``engine_fixtures``), built once and only read."""
+    from engine_fixtures import make_sentiment_tsv, make_tiny_bert
+
+    root = tmp_path_factory.mktemp("assets")
+    return make_tiny_bert(root / "tiny-bert"), make_sentiment_tsv(root / "train.tsv")

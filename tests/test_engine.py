@@ -11,17 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_fixtures import make_sentiment_tsv, make_tiny_bert, tiny_overrides
+from engine_fixtures import tiny_overrides
 from fedlora import checkpoint
 from fedlora.config import ConfigError, load_config
 
 TIMING_KEYS = {"round_time_s", "wall_time_s"}
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    return make_tiny_bert(root / "tiny-bert"), make_sentiment_tsv(root / "train.tsv")
 
 
 def _cfg(assets, out, method="fedex", rounds=4, extra=()):

@@ -15,18 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from engine_fixtures import make_sentiment_tsv, make_tiny_bert, tiny_overrides
+from engine_fixtures import tiny_overrides
 from fedlora.config import load_config
 from golden_configs import GOLDEN, TIMING_KEYS
 
 BYTE_KEYS = {"bytes_up", "bytes_down", "bytes_up_per_client", "bytes_down_per_client", "header_bytes"}
 GOLDEN_RECORDS = json.loads((Path(__file__).parent / "golden_records.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    return make_tiny_bert(root / "tiny-bert"), make_sentiment_tsv(root / "train.tsv")
 
 
 def _close(a, b) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_fixtures import make_sentiment_tsv, make_tiny_bert, tiny_overrides
+from engine_fixtures import tiny_overrides
 from fedlora.aggregators import get_aggregator
 from fedlora.config import load_config
 from fedlora.protocol import ClientReply, TrainSettings, message_sizes
@@ -17,12 +17,6 @@ from fedlora.protocol.strategy import RoundStrategy
 from fedlora.types import LoRAFactors, ModuleState
 
 TIMING_KEYS = {"round_time_s", "wall_time_s"}
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    return make_tiny_bert(root / "tiny-bert"), make_sentiment_tsv(root / "train.tsv")
 
 
 def _cfg(assets, out, method="hexa", rounds=2, extra=()):
