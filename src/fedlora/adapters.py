@@ -47,6 +47,8 @@ def check_model(cfg: ModelConfig) -> None:
     looks_local = os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path)
     if looks_local and not os.path.isdir(path):
         raise ValueError(f"model.name: {cfg.name}: no such folder")
+    if not looks_local and "/" not in path:
+        raise ValueError(f"model.name: {cfg.name!r} is neither a local folder nor a hub id (owner/name)")
     try:
         AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
@@ -58,15 +60,13 @@ def check_model(cfg: ModelConfig) -> None:
 
 
 def load_base_model(cfg: ModelConfig, num_labels: int, seed: int) -> tuple[nn.Module, object]:
-    """Load tokenizer and model; the seed fixes the freshly initialised classification head."""
+    """Load tokenizer and model (after :func:`check_model`); the seed fixes the freshly initialised head."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the "newly initialized head" notice is expected here
     hf_logging.disable_progress_bar()
-    path = resolve_model_path(cfg.name)
-    if not (os.path.isdir(path) or "/" in path):
-        raise ValueError(f"model.name: {cfg.name!r} is neither a local folder nor a hub id (owner/name)")
+    path = resolve_model_path(cfg.name)  # checked by check_model before anything is loaded
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -112,6 +112,7 @@ def export_run(
     cfg = config_from_dict(state["config"])
     corrections = {m: c for m, c in cumulative_corrections(run_dir, last).items() if c.rank > 0}
 
+    adapters.check_model(cfg.model)  # the run's model may have moved since: one line, before any loading
     base, tokenizer = adapters.load_base_model(cfg.model, state["num_labels"], cfg.seed)
     probe = adapters.attach_lora(base, cfg.lora, cfg.model.task_type)
     layers = adapters.lora_layers(probe)
