@@ -85,6 +85,24 @@ def _load(args, data_dir: str | None, extra: list[str] = ()):
     return load_config(config, [*overrides, *extra])
 
 
+def _method_specs(methods: str) -> dict[str, list[str]]:
+    """``"fedex,hetlora:prune_threshold=0.05"`` -> each method's ``federation.method_options.*`` overrides."""
+    specs: dict[str, list[str]] = {}
+    for item in (m.strip() for m in methods.split(",")):
+        if not item:
+            continue
+        name, *options = item.split(":")
+        if name in specs:
+            raise ValueError(f"--methods: a method is listed twice ({methods})")
+        bad = [o for o in options if "=" not in o]
+        if bad:
+            raise ValueError(f"--methods: {name} option {bad[0]!r} is not key=value")
+        specs[name] = [f"federation.method_options.{o}" for o in options]
+    if not specs:
+        raise ValueError("--methods: give at least one method")
+    return specs
+
+
 def _holds_run(run_dir: Path) -> bool:
     from .checkpoint import has_checkpoints
     from .runlog import METRICS_FILE
@@ -153,7 +171,7 @@ class _ProgressBars:
 
 
 def _run_with_progress(sim, stop_after: int | None = None) -> list[dict]:
-    with _ProgressBars(sim.aggregator.name) as bars:
+    with _ProgressBars(sim.method) as bars:
         return sim.run(stop_after=stop_after, on_event=bars)
 
 
@@ -198,29 +216,48 @@ def run(
     from .report import plot_run, summary_table
 
     plot_run(records, run_dir)
+    _plot_hierarchy(sim, run_dir)
     _stdout().print(summary_table(records, f"fedlora run: {run_dir}"))
+    _stdout().print(Markdown(_targets(records, sim.cfg.eval.target)))
     console.print(f"metrics, plots and checkpoints in [bold]{run_dir}[/]")
+
+
+def _targets(records, target: float | None) -> str:
+    from .report_costs import targets_markdown
+
+    return targets_markdown({"run": records}, target)
+
+
+def _plot_hierarchy(sim, run_dir: Path) -> None:
+    """HierFedLoRA's current groups, with their plan, as ``groups.png``."""
+    from .report_costs import plot_groups
+
+    strategy = sim.strategy
+    if hasattr(strategy, "grouping"):
+        plot_groups(sim.data.histograms, strategy.grouping.groups, strategy.last_plan, run_dir)
 
 
 @app.command()
 def compare(
-    methods: Annotated[str, typer.Option(help="comma-separated methods, e.g. fedit,ffa,fedex,fra,hexa")],
+    methods: Annotated[str, typer.Option(
+        help="comma-separated methods, e.g. fedit,ffa,fedex,fra,hexa; options as name:key=value:key=value "
+        "(hetlora:prune_threshold=0.05). The config's method_options apply to its own federation.method only")],
     args: Annotated[list[str] | None, typer.Argument(help="[CONFIG.yaml] [key.path=value ...]")] = None,
     out: Annotated[str, typer.Option(help="folder for the runs, table and plots")] = "runs/compare",
     data_dir: Annotated[str | None, typer.Option(help="offline data folder")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace earlier runs of these methods under --out")] = False,
 ) -> None:
     """Run several methods on the same partition and seed; write a markdown table and plots."""
-    names = [m.strip() for m in methods.split(",") if m.strip()]
     out_path = Path(out)
     runs, run_dir = {}, out_path
     try:
-        if not names:
-            raise ValueError("--methods: give at least one method")
-        if len(set(names)) != len(names):
-            raise ValueError(f"--methods: a method is listed twice ({methods})")
-        configs = {name: _load(args, data_dir, [f"federation.method={name}", f"output_dir={out_path / name}"])
-                   for name in names}
+        own = _load(args, data_dir).federation.method
+        specs = _method_specs(methods)
+        configs = {}
+        for name, options in specs.items():
+            keep = [] if name == own else ["federation.method_options={}"]
+            extra = [f"federation.method={name}", *keep, *options, f"output_dir={out_path / name}"]
+            configs[name] = _load(args, data_dir, extra)
         from .sim.engine import Simulation
 
         for cfg in configs.values():  # every method and its options are checked before any training
@@ -233,16 +270,21 @@ def compare(
             _claim(run_dir, overwrite=True, hint="")
             _setup_logging(run_dir)
             console.rule(f"[bold]{name}")
-            runs[name] = _run_with_progress(Simulation(cfg))
+            sim = Simulation(cfg)
+            runs[name] = _run_with_progress(sim)
+            _plot_hierarchy(sim, run_dir)
     except USER_ERRORS as err:
         _fail(err)
     except KeyboardInterrupt:
         _interrupted(run_dir)
     from .report import compare_markdown, plot_compare
+    from .report_costs import plot_costs, targets_markdown
 
-    table = compare_markdown(runs)
+    target = next(iter(configs.values())).eval.target
+    table = compare_markdown(runs) + "\n" + targets_markdown(runs, target)
     (out_path / "compare.md").write_text(table)
     plot_compare(runs, out_path)
+    plot_costs(runs, out_path, target)
     _stdout().print(Markdown(table))
     console.print(f"table and plots in [bold]{out_path}[/]")
 
@@ -308,11 +350,15 @@ def list_methods() -> None:
     from .aggregators import AGGREGATORS
     from .aggregators import method_options
 
+    from .protocol import hierfedlora
+
     table = Table("method", "exact", "options", "summary")
-    for name, cls in sorted(AGGREGATORS.items()):
-        doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
-        options = ", ".join(f"{k}={v!r}" for k, v in method_options(name).items())
-        table.add_row(name, "yes" if cls.exact else "no", options, doc)
+    rows = [(name, "yes" if cls.exact else "no", method_options(name), sys.modules[cls.__module__])
+            for name, cls in AGGREGATORS.items()]
+    rows.append((hierfedlora.HierFedLoRA.name, "as its rules", hierfedlora.OPTIONS, hierfedlora))
+    for name, exact, options, module in sorted(rows, key=lambda row: row[0]):
+        doc = (module.__doc__ or "").strip().splitlines()[0]
+        table.add_row(name, exact, ", ".join(f"{k}={v!r}" for k, v in options.items()), doc)
     _stdout().print(table)
 
 

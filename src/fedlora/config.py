@@ -26,6 +26,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from .devices import DEFAULT_CLASSES
 from .partition import PARTITIONERS, partition_option_types, partition_options
 
 
@@ -52,13 +53,15 @@ class LoraSection(_Section):
     target_modules: list[str] = Field(
         default_factory=lambda: ["query", "value"], description="names of the linear layers that get adapters"
     )
-    client_ranks: list[int] | None = Field(
-        None, description="per-client ranks, cycled over clients (heterogeneous federations); None: all = rank"
+    client_ranks: list[int] | dict[str, int] | None = Field(
+        None, description="heterogeneous ranks: a list cycled over clients, or a mapping device class -> rank "
+        "(devices.classes); None: every client has rank"
     )
 
     @model_validator(mode="after")
     def _ranks(self):
-        if self.client_ranks is not None and any(not 1 <= r <= self.rank for r in self.client_ranks):
+        values = self.client_ranks.values() if isinstance(self.client_ranks, dict) else self.client_ranks or []
+        if any(not 1 <= r <= self.rank for r in values):
             raise ValueError(f"client_ranks must lie in 1..rank ({self.rank}), got {self.client_ranks}")
         return self
 
@@ -154,6 +157,45 @@ class FederationConfig(_Section):
     clients_per_round: int = Field(4, ge=1, description="clients sampled (seeded) to train in each round")
 
 
+class DeviceClass(_Section):
+    speed: float = Field(gt=0, description="FLOP/s of local training")
+    up: float = Field(gt=0, description="uplink bytes/s")
+    down: float = Field(gt=0, description="downlink bytes/s")
+    memory: float = Field(gt=0, description="bytes available for training")
+    jitter: float = Field(0.0, ge=0, description="sigma of a lognormal factor on speed per round and client")
+
+
+def _default_classes() -> dict[str, DeviceClass]:
+    return {name: DeviceClass(speed=p.speed, up=p.up, down=p.down, memory=p.memory, jitter=p.jitter)
+            for name, p in DEFAULT_CLASSES.items()}
+
+
+class DevicesConfig(_Section):
+    classes: dict[str, DeviceClass] = Field(
+        default_factory=_default_classes, description="named device classes (speed, bandwidth, memory)"
+    )
+    proportions: dict[str, float] = Field(
+        default_factory=lambda: {next(iter(DEFAULT_CLASSES)): 1.0},
+        description="share of clients in each class (seeded assignment; normalised)",
+    )
+    assignment: list[str] | None = Field(
+        None, description="instead of proportions: the class of each client, cycled over clients"
+    )
+    deadline_s: float | None = Field(
+        None, gt=0, description="simulated seconds a round waits; slower clients are dropped (stragglers)"
+    )
+
+    @model_validator(mode="after")
+    def _known_classes(self):
+        for where, names in (("proportions", list(self.proportions)), ("assignment", self.assignment or [])):
+            unknown = [n for n in names if n not in self.classes]
+            if unknown:
+                raise ValueError(f"{where}: unknown device class {unknown[0]!r}; classes: {', '.join(self.classes)}")
+        if any(v < 0 for v in self.proportions.values()) or not sum(self.proportions.values()) > 0:
+            raise ValueError(f"proportions must be >= 0 with a positive sum, got {self.proportions}")
+        return self
+
+
 class TrainConfig(_Section):
     local_steps: int | None = Field(30, ge=1, description="optimizer steps per client per round")
     local_epochs: float | None = Field(None, gt=0, description="instead of local_steps: passes over local data")
@@ -174,6 +216,9 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     batch_size: int = Field(64, ge=1, description="examples per forward pass when evaluating")
     local: bool = Field(True, description="also evaluate the global model on the sampled clients' local test splits")
+    target: float | None = Field(
+        None, description="metric value whose first reach is reported in simulated time, bytes and rounds"
+    )
 
 
 class RunConfig(_Section):
@@ -186,6 +231,9 @@ class RunConfig(_Section):
     federation: FederationConfig = Field(
         default_factory=FederationConfig, description="the aggregation method, its options and the rounds"
     )
+    devices: DevicesConfig = Field(
+        default_factory=DevicesConfig, description="client devices: speed, bandwidth, memory (simulated time)"
+    )
     train: TrainConfig = Field(default_factory=TrainConfig, description="each client's local training")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation after each round")
 
@@ -196,6 +244,11 @@ class RunConfig(_Section):
                 f"federation.clients_per_round ({self.federation.clients_per_round}) exceeds "
                 f"partition.num_clients ({self.partition.num_clients})"
             )
+        if isinstance(self.lora.client_ranks, dict):
+            unknown = [n for n in self.lora.client_ranks if n not in self.devices.classes]
+            if unknown:
+                raise ValueError(f"lora.client_ranks: unknown device class {unknown[0]!r}; "
+                                 f"classes: {', '.join(self.devices.classes)}")
         return self
 
     def to_dict(self) -> dict:

@@ -210,3 +210,33 @@ def proximal_penalty(B: Tensor, A: Tensor, B0: Tensor, A0: Tensor) -> Tensor:
     cross = (B0.mT @ B) * (A0 @ A.mT)  # <BA, B0A0> = sum((B0^T B) * (A0 A^T))
     ref = (B0.mT @ B0) * (A0 @ A0.mT)
     return bb.sum() - 2 * cross.sum() + ref.sum()
+
+
+def rank_norms(B: Tensor, A: Tensor) -> Tensor:
+    """``||b_i|| ||a_i||`` per rank ``i`` (``b_i`` column of ``B``, ``a_i`` row of ``A``) = ``||b_i a_i^T||_F``."""
+    return B.norm(dim=0) * A.norm(dim=1)
+
+
+def tail_penalty(B: Tensor, A: Tensor, tail: int) -> Tensor:
+    """``sum_{i in last tail ranks} ||b_i|| ||a_i||`` (differentiable): HetLoRA's self-pruning penalty."""
+    if tail <= 0:
+        return B.new_zeros(())
+    return rank_norms(B[:, -tail:], A[-tail:]).sum()
+
+
+def pruned_rank(factors: Sequence[tuple[Tensor, Tensor]], threshold: float, floor: int = 1) -> int:
+    """The rank left after pruning trailing ranks whose share ``||b_i a_i^T||_F / ||B A||_F`` is below
+    ``threshold`` in every module of ``factors`` (``(B, A)`` pairs of one rank); never below ``floor``.
+
+    A module whose ``B A`` is zero has no share to keep (its ranks count as prunable).
+    """
+    rank = factors[0][0].shape[1] if factors else 0
+    keep = min(max(floor, 1), rank)
+    shares = []
+    for B, A in factors:
+        B64, A64 = B.detach().double(), A.detach().double()
+        total = frobenius_norm(LowRank(B64, A64))
+        shares.append(rank_norms(B64, A64) / total if total > 0 else torch.zeros(rank, dtype=torch.float64))
+    while rank > keep and all(float(s[rank - 1]) < threshold for s in shares):
+        rank -= 1
+    return rank

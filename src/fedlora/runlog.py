@@ -23,6 +23,7 @@ from typing import Any
 from .atomic import fsync_dir as _fsync_dir
 
 METRICS_FILE = "metrics.jsonl"
+HIER_FILE = "hier.jsonl"  # HierFedLoRA's groupings and plans, one line each time they change
 
 # --------------------------------------------------------------------------------------------------
 # Writing and reading
@@ -78,6 +79,25 @@ def _last_round(path: Path) -> int:
         return 0
     rounds = [int(r["round"]) for r in load_metrics(path) if _is_number(r.get("round"))]
     return max(rounds, default=0)
+
+
+def append_jsonl(path: str | os.PathLike[str], records: list[Mapping[str, Any]]) -> None:
+    """Append ``records`` as JSON lines to ``path`` (after repairing a cut-off last line), then fsync."""
+    path = Path(path)
+    _repair_tail(path)
+    with path.open("a") as f:
+        for record in records:
+            f.write(json.dumps(record, default=_json_default) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def keep_jsonl_through(path: str | os.PathLike[str], round: int) -> None:  # noqa: A002
+    """Drop the lines of ``path`` whose ``round`` is after ``round`` (a resumed run redoes those)."""
+    path = Path(path)
+    if path.exists():
+        kept = [r for r in load_metrics(path) if not (_is_number(r.get("round")) and r["round"] > round)]
+        path.write_text("".join(json.dumps(r, default=_json_default) + "\n" for r in kept))
 
 
 class MetricsWriter:

@@ -146,4 +146,4 @@ class AggregationResult:
     bytes_down: dict[str, int]
     errors: dict[str, float]
     error: float
-    info: dict[str, float] = field(default_factory=dict)
+    info: dict[str, object] = field(default_factory=dict)  # measurement sums; per-module dicts

@@ -131,14 +131,14 @@ def test_importing_the_protocol_loads_none_of_them():
 # Data flows one way (config -> data and partition -> runtime -> client training -> aggregation -> metrics
 # and checkpoints); the code's layers, lowest first. A module may import its own layer or lower ones.
 LAYERS = [
-    ["fedlora.types", "fedlora.seeds", "fedlora.atomic"],
+    ["fedlora.types", "fedlora.seeds", "fedlora.atomic", "fedlora.devices", "fedlora.flops", "fedlora.hier"],
     ["fedlora.lowrank"],
     ["fedlora.aggregators"],
     ["fedlora.protocol"],
     ["fedlora.partition"],  # its registry's signatures define the config's partition options
     ["fedlora.config"],
     ["fedlora.data", "fedlora.checkpoint", "fedlora.runlog"],
-    ["fedlora.report"],
+    ["fedlora.report", "fedlora.report_costs"],
     ["fedlora.adapters"],
     ["fedlora.sim"],
     ["fedlora.export"],

@@ -47,8 +47,7 @@ def aggregation_errors(
     """
     errors, num_sq, den_sq = {}, 0.0, 0.0
     for m, state in rnd.global_state.items():
-        ideal = lowrank.concat([as_lowrank64(rnd.trained[k][m], rnd.payloads[k][m].frozen)
-                                for k in range(len(rnd.updates))], rnd.weights)
+        ideal = ideal_update(rnd, m)
         applied = [as_lowrank64(new_factors[m])]
         if m in corrections:
             applied.append(as_lowrank64(None, corrections[m]))
@@ -59,6 +58,31 @@ def aggregation_errors(
         den_sq += den * den
     sums = {"error_num_sq": num_sq, "error_den_sq": den_sq}
     return errors, error_ratio(math.sqrt(num_sq), math.sqrt(den_sq)), sums
+
+
+def ideal_update(rnd: Round, module: str) -> LowRank:
+    """``sum_k p_k (s_k B_k A_k + F_k)`` of one module in float64, as one stacked product."""
+    return lowrank.concat([as_lowrank64(rnd.trained[k][module], rnd.payloads[k][module].frozen)
+                           for k in range(len(rnd.updates))], rnd.weights)
+
+
+def rank_energy(rnd: Round, min_rank: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Share of the round's update energy above rank ``min_rank``, per module, and the sums behind it.
+
+    With ``M = sum_k p_k (s_k B_k A_k + F_k) = U S V^T`` (factored SVD, float64), a module's share is
+    ``sum_{i > min_rank} s_i^2 / sum_i s_i^2`` (0 for a zero update). The sums ``{"energy_above_sq",
+    "energy_sq"}`` over modules give the overall share, each module weighted by its total energy. A share
+    falling round after round is the collapse toward the smallest client rank (raFLoRA, 2026).
+    """
+    shares, above_sq, total_sq = {}, 0.0, 0.0
+    for m in rnd.global_state:
+        _, sv, _ = lowrank.svd(ideal_update(rnd, m))
+        energy = sv.square()
+        total, above = float(energy.sum()), float(energy[min_rank:].sum())
+        shares[m] = above / total if total > 0 else 0.0
+        above_sq += above
+        total_sq += total
+    return shares, {"energy_above_sq": above_sq, "energy_sq": total_sq}
 
 
 def error_ratio(num: float, den: float) -> float:

@@ -20,7 +20,7 @@ from typing import ClassVar
 
 from .. import lowrank
 from ..types import AggregationResult, ClientPayload, ClientUpdate, LoRAFactors, LowRank, ModuleState
-from .accounting import aggregation_errors, as_lowrank64, wire_bytes
+from .accounting import aggregation_errors, as_lowrank64, rank_energy, wire_bytes
 from .validation import GlobalState, client_rank, data_weights, validate_payloads, validate_round
 
 __all__ = [  # as_lowrank64 and data_weights live elsewhere; re-exported for `from .base import ...` callers
@@ -87,6 +87,11 @@ class Aggregator(ABC):
     exact: ClassVar[bool]
     proximal_mu: float = 0.0
 
+    def local_training(self, round_idx: int) -> dict[str, object]:
+        """Local-training settings the method asks of every client (fields of
+        :class:`fedlora.protocol.TrainSettings`, e.g. HetLoRA's self-pruning); default none."""
+        return {}
+
     def trains(self, round_idx: int) -> tuple[bool, bool]:
         """``(train_A, train_B)`` for clients in round ``round_idx``. A frozen factor is not uploaded."""
         return True, True
@@ -125,6 +130,7 @@ class Aggregator(ABC):
         *,
         payloads: Mapping[str, Mapping[str, ClientPayload]] | None = None,
         next_payloads: bool = True,
+        energy_rank: int | None = None,
     ) -> AggregationResult:
         """One round: validate, combine, measure the error against the ideal, count bytes.
 
@@ -147,6 +153,10 @@ class Aggregator(ABC):
             Compute each client's payload for the next round and its downlink bytes; with ``False``,
             ``client_payloads`` and ``bytes_down`` of the result are ``{}`` (the caller builds and counts the
             messages itself).
+        energy_rank : int | None (default: None)
+            Also measure the share of the ideal update's energy above this rank (the smallest client rank of
+            a heterogeneous federation): ``info["rank_energy"]`` per module, plus ``energy_above_sq`` and
+            ``energy_sq`` (see :func:`~fedlora.aggregators.accounting.rank_energy`).
         """
         checked = validate_round(global_state, updates)
         train_a, _ = self.trains(round_idx)
@@ -167,6 +177,9 @@ class Aggregator(ABC):
         new_state = {m: ModuleState(new_factors[m], global_state[m].layout) for m in global_state}
         corrections = {m: c for m, c in corrections.items() if c.rank > 0}
         errors, error, sums = aggregation_errors(rnd, new_factors, corrections)
+        if energy_rank is not None:
+            shares, energy_sums = rank_energy(rnd, energy_rank)
+            sums = {**sums, **energy_sums, "rank_energy": shares}
 
         following = {
             u.client_id: self.payload(new_state, client_rank(u), round_idx + 1) for u in checked

@@ -32,7 +32,9 @@ class TrainSettings:
     """Local training of one round (the defaults are :class:`fedlora.config.TrainConfig`'s).
 
     Exactly one of ``local_steps`` and ``local_epochs`` is set. ``optimizer_state`` is ``"fresh"`` (new
-    AdamW every round) or ``"kept"`` (the client keeps its optimizer state between its rounds).
+    AdamW every round) or ``"kept"`` (the client keeps its optimizer state between its rounds). The last
+    four fields are set by a method that prunes ranks locally (:meth:`fedlora.aggregators.Aggregator.
+    local_training`); a client that pruned reports its new rank as ``metrics["rank"]``.
     """
 
     local_steps: int | None = 30
@@ -43,6 +45,12 @@ class TrainSettings:
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
     optimizer_state: str = "fresh"
+    # HetLoRA's local rank self-pruning (off by default): a penalty on the last ``penalty_ranks`` ranks'
+    # norms, then trailing ranks whose share of ``||B A||_F`` is below ``prune_threshold`` are dropped.
+    rank_penalty: float = 0.0
+    penalty_ranks: int = 0
+    prune_threshold: float = 0.0
+    min_rank: int = 1
 
     def __post_init__(self) -> None:
         checks = [
@@ -59,6 +67,10 @@ class TrainSettings:
             (self.max_grad_norm is None or _is_real(self.max_grad_norm, 0, strict=True),
              "max_grad_norm must be a number > 0 or None"),
             (self.optimizer_state in ("fresh", "kept"), "optimizer_state must be 'fresh' or 'kept'"),
+            (_is_real(self.rank_penalty, 0), "rank_penalty must be a number >= 0"),
+            (_is_int(self.penalty_ranks, 0), "penalty_ranks must be an int >= 0"),
+            (_is_real(self.prune_threshold, 0) and self.prune_threshold < 1, "prune_threshold must lie in [0, 1)"),
+            (_is_int(self.min_rank, 1), "min_rank must be an int >= 1"),
         ]
         for ok, message in checks:
             if not ok:

@@ -16,6 +16,7 @@ A runtime moves the tasks and replies (:mod:`fedlora.protocol.runtime`); the str
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .. import lowrank
 from ..aggregators import Aggregator, validate_update
 from ..aggregators.accounting import error_ratio
 from ..types import AggregationInputError, ClientPayload, ClientUpdate, LowRank, ModuleState
@@ -52,6 +54,9 @@ class RoundResult:
     bytes_down: dict[str, int]
     train_loss: float | None
     header_bytes: dict[str, int] = field(default_factory=dict)
+    ranks: dict[str, int] = field(default_factory=dict)  # each accepted client's rank this round
+    rank_energy: float | None = None  # share of the update's energy above the smallest client rank
+    info: dict = field(default_factory=dict)  # what a strategy adds (JSON-able)
 
 
 class RoundStrategy:
@@ -76,7 +81,14 @@ class RoundStrategy:
     modules_for : callable, optional
         ``modules_for(client_id, round_idx) -> list of module names or None`` (all): the modules a client
         trains in a round (a depth); None trains every module.
+
+    A round is ``exchanges_per_round`` exchanges (one here; a hierarchical strategy makes more): for each
+    ``step``, ``configure_train`` then ``aggregate_train``, and the last step's result is the round's.
+    ``lane_of(client)`` says which clients' times add up across a round's exchanges (one lane here: a
+    synchronous round lasts as long as its slowest client).
     """
+
+    exchanges_per_round = 1
 
     def __init__(
         self,
@@ -104,47 +116,122 @@ class RoundStrategy:
         self._payloads: dict[str, dict[str, ClientPayload]] = {}
 
     # ------------------------------------------------------------ configure
-    def configure_train(self, round_idx: int, clients: Sequence[str]) -> dict[str, ClientTask]:
-        """One task per client of this round (0-based ``round_idx``)."""
-        train_a, train_b = self.aggregator.trains(round_idx)
-        mu = float(self.aggregator.proximal_mu)
+    def configure_train(self, round_idx: int, clients: Sequence[str], step: int = 0) -> dict[str, ClientTask]:
+        """One task per client of this round (0-based ``round_idx``; ``step`` < ``exchanges_per_round``)."""
+        settings = dataclasses.replace(self.train, **self.aggregator.local_training(round_idx))
         self._payloads = {}
         catch_up: dict[int, dict[str, LowRank]] = {}  # clients at one version share one (read, compressed) sum
         tasks = {}
         for cid in clients:
-            rank = self.ranks[cid]
-            payload = self.aggregator.payload(self.global_state, rank, round_idx)
-            self._payloads[cid] = payload
-            version = self.synced.get(cid, 0)
-            if version not in catch_up:
-                catch_up[version] = self.history.since(version)
+            payload = self.aggregator.payload(self.global_state, self.ranks[cid], round_idx)
             modules = self.modules_for(cid, round_idx) if self.modules_for is not None else None
-            tasks[cid] = ClientTask(
-                round=round_idx,
-                client_id=cid,
-                rank=rank,
-                adapter={m: p.adapter for m, p in payload.items()},
-                frozen={m: p.frozen for m, p in payload.items() if p.frozen is not None and p.frozen.rank > 0},
-                train_a=train_a,
-                train_b=train_b,
-                modules=modules,
-                head=self.head,
-                train=self.train,
-                proximal_mu=mu,
-                seed=[self.seed, round_idx, self.index[cid]],
-                catch_up=catch_up[version],
-                catch_up_from=version,
-                catch_up_to=self.history.latest,
-            )
-            self.synced[cid] = self.history.latest
+            tasks[cid] = self._task(round_idx, cid, payload, settings, modules, catch_up)
         return tasks
+
+    def _task(self, round_idx: int, cid: str, payload: dict[str, ClientPayload], settings: TrainSettings,
+              modules: list[str] | None, catch_up: dict[int, dict[str, LowRank]] | None,
+              frozen: dict[str, LowRank] | None = None, head: dict[str, Tensor] | None = None) -> ClientTask:
+        """Client ``cid``'s task from its payload; ``frozen`` adds terms to the payload's own frozen ones,
+        ``head`` replaces the global head (a group's).
+
+        ``catch_up`` caches each version's correction sum; None sends none (a later exchange of a round
+        whose first exchange caught the client up).
+        """
+        train_a, train_b = self.aggregator.trains(round_idx)
+        self._payloads[cid] = payload
+        version = self.synced.get(cid, 0)
+        if catch_up is not None and version not in catch_up:
+            catch_up[version] = self.history.since(version)
+        terms = {m: p.frozen for m, p in payload.items() if p.frozen is not None and p.frozen.rank > 0}
+        for m, extra in (frozen or {}).items():
+            if extra.rank > 0:
+                terms[m] = lowrank.concat([terms[m], extra]) if m in terms else extra
+        task = ClientTask(
+            round=round_idx,
+            client_id=cid,
+            rank=self.ranks[cid],
+            adapter={m: p.adapter for m, p in payload.items()},
+            frozen=terms,
+            train_a=train_a,
+            train_b=train_b,
+            modules=modules,
+            head=self.head if head is None else head,
+            train=settings,
+            proximal_mu=float(self.aggregator.proximal_mu),
+            seed=[self.seed, round_idx, self.index[cid]],
+            catch_up=catch_up[version] if catch_up is not None else {},
+            catch_up_from=version,
+            catch_up_to=self.history.latest,
+        )
+        self.synced[cid] = self.history.latest
+        return task
 
     # ------------------------------------------------------------ aggregate
     def aggregate_train(
         self, round_idx: int, tasks: dict[str, ClientTask], replies: dict[str, ClientReply],
-        failed: dict[str, str] | None = None,
+        failed: dict[str, str] | None = None, step: int = 0,
     ) -> RoundResult:
         """Check the replies, aggregate, and advance the global state and history by one round."""
+        accepted, rejected = self._screen(tasks, replies, failed)
+        round_ranks = {cid: tasks[cid].rank for cid in accepted}
+        cut = self.energy_rank()  # the ranks this round trained at, before any client pruned
+        for cid, reply in accepted.items():  # a client that pruned trains its new rank from now on
+            if "rank" in reply.metrics:
+                self.ranks[cid] = int(reply.metrics["rank"])
+        bytes_down = {cid: task_tensor_bytes(t) for cid, t in tasks.items()}
+        bytes_up = {cid: reply_tensor_bytes(r) for cid, r in replies.items() if r is not None}
+
+        corrections: dict[str, LowRank] = {}
+        weights: dict[str, float] = {}
+        errors: dict[str, float] = {}
+        sums = dict.fromkeys(("error_num_sq", "error_den_sq", "energy_above_sq", "energy_sq"), 0.0)
+        new_state = dict(self.global_state)
+        energy = None
+        if accepted:
+            for group, modules in self._groups(tasks, accepted).items():
+                result = self._aggregate_group(round_idx, group, modules, tasks, accepted, cut)
+                for m in modules:
+                    new_state[m] = result.global_state[m]
+                corrections.update(result.corrections)
+                errors.update(result.errors)
+                for key in sums:  # the measurements' sums over all groups, as aggregate() forms them for one
+                    sums[key] += result.info.get(key, 0.0)
+                if len(result.weights) >= len(weights):  # the widest group's weights serve the heads
+                    weights = result.weights
+            error = error_ratio(math.sqrt(sums["error_num_sq"]), math.sqrt(sums["error_den_sq"]))
+            if cut is not None:
+                energy = sums["energy_above_sq"] / sums["energy_sq"] if sums["energy_sq"] > 0 else 0.0
+            self.head = {k: sum(weights[cid] * accepted[cid].head[k] for cid in weights) for k in self.head}
+            self.global_state = new_state
+            train_loss = float(sum(accepted[c].train_loss for c in accepted) / len(accepted))
+        else:
+            error, train_loss = None, None
+        self.history.append(round_idx + 1, corrections)
+        return RoundResult(
+            round=round_idx + 1, clients=list(accepted), rejected=rejected, global_state=self.global_state,
+            head=self.head, corrections=corrections, weights=weights, errors=errors, error=error,
+            bytes_up=bytes_up, bytes_down=bytes_down, train_loss=train_loss, ranks=round_ranks,
+            rank_energy=energy,
+        )
+
+    def energy_rank(self) -> int | None:
+        """The smallest client rank when ranks differ (the rank-energy diagnostic's cut), else None."""
+        ranks = set(self.ranks.values())
+        return min(ranks) if len(ranks) > 1 else None
+
+    def lane_of(self, client_id: str) -> int:
+        return 0
+
+    def state(self) -> dict:
+        """What a checkpoint keeps of the strategy beyond the global adapter (JSON-able)."""
+        return {"synced": dict(self.synced), "ranks": dict(self.ranks)}
+
+    def load_state(self, state: dict) -> None:
+        self.synced = {cid: int(v) for cid, v in state.get("synced", {}).items()}
+        self.ranks.update({cid: int(r) for cid, r in state.get("ranks", {}).items()})
+
+    def _screen(self, tasks, replies, failed) -> tuple[dict[str, ClientReply], dict[str, str]]:
+        """The well-formed replies, and why each other client of ``tasks`` has none."""
         rejected = dict(failed or {})
         accepted: dict[str, ClientReply] = {}
         for cid, task in tasks.items():
@@ -159,37 +246,7 @@ class RoundStrategy:
                 rejected[cid] = str(err)
             else:
                 accepted[cid] = reply
-        bytes_down = {cid: task_tensor_bytes(t) for cid, t in tasks.items()}
-        bytes_up = {cid: reply_tensor_bytes(r) for cid, r in replies.items() if r is not None}
-
-        corrections: dict[str, LowRank] = {}
-        weights: dict[str, float] = {}
-        errors: dict[str, float] = {}
-        num_sq = den_sq = 0.0  # the error's sums over all groups, as aggregate() forms them for one
-        new_state = dict(self.global_state)
-        if accepted:
-            for group, modules in self._groups(tasks, accepted).items():
-                result = self._aggregate_group(round_idx, group, modules, tasks, accepted)
-                for m in modules:
-                    new_state[m] = result.global_state[m]
-                corrections.update(result.corrections)
-                errors.update(result.errors)
-                num_sq += result.info["error_num_sq"]
-                den_sq += result.info["error_den_sq"]
-                if len(result.weights) >= len(weights):  # the widest group's weights serve the heads
-                    weights = result.weights
-            error = error_ratio(math.sqrt(num_sq), math.sqrt(den_sq))
-            self.head = {k: sum(weights[cid] * accepted[cid].head[k] for cid in weights) for k in self.head}
-            self.global_state = new_state
-            train_loss = float(sum(accepted[c].train_loss for c in accepted) / len(accepted))
-        else:
-            error, train_loss = None, None
-        self.history.append(round_idx + 1, corrections)
-        return RoundResult(
-            round=round_idx + 1, clients=list(accepted), rejected=rejected, global_state=self.global_state,
-            head=self.head, corrections=corrections, weights=weights, errors=errors, error=error,
-            bytes_up=bytes_up, bytes_down=bytes_down, train_loss=train_loss,
-        )
+        return accepted, rejected
 
     def _check_reply(self, task: ClientTask, reply: ClientReply) -> None:
         cid = task.client_id
@@ -208,6 +265,9 @@ class RoundStrategy:
         if set(reply.head) != set(self.head):
             raise AggregationInputError(f"head tensors {sorted(reply.head)} differ from {sorted(self.head)}",
                                         client_id=cid)
+        pruned = reply.metrics.get("rank")
+        if pruned is not None and not (float(pruned).is_integer() and 1 <= pruned <= task.rank):
+            raise AggregationInputError(f"reported rank {pruned} is not an int in 1..{task.rank}", client_id=cid)
         for k, h in reply.head.items():
             if h.shape != self.head[k].shape or not torch.isfinite(h).all():
                 raise AggregationInputError(f"head {k} has another shape or contains NaN or Inf", client_id=cid)
@@ -230,9 +290,10 @@ class RoundStrategy:
                 groups.setdefault(trained_by, []).append(m)
         return groups
 
-    def _aggregate_group(self, round_idx, group, modules, tasks, accepted):
+    def _aggregate_group(self, round_idx, group, modules, tasks, accepted, energy_rank=None):
         sub = {m: self.global_state[m] for m in modules}
         updates = [self._update(tasks[c], accepted[c], modules) for c in group]
         payloads = {c: {m: self._payloads[c][m] for m in modules} for c in group}
-        return self.aggregator.aggregate(sub, updates, round_idx, payloads=payloads, next_payloads=False)
+        return self.aggregator.aggregate(sub, updates, round_idx, payloads=payloads, next_payloads=False,
+                                         energy_rank=energy_rank)
 

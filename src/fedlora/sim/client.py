@@ -178,10 +178,13 @@ def train_client(host, task, data: ClientData):
             host.model, params, batches, data.encoded,
             steps=steps, lr=settings.lr, weight_decay=settings.weight_decay,
             warmup_steps=settings.warmup_steps, max_grad_norm=settings.max_grad_norm,
-            optimizer_state=kept, penalty=_proximal(host, task, adapter, modules),
+            optimizer_state=kept, penalty=_penalty(host, task, adapter, modules),
         )
     if settings.optimizer_state == "kept":
         data.optimizer_state = opt_state
+    metrics = {}
+    if settings.prune_threshold > 0:
+        metrics["rank"] = float(_prune(host, adapter, modules, settings))
     trained = host.read_state(adapter)
     reply = ClientReply(
         round=task.round,
@@ -194,9 +197,49 @@ def train_client(host, task, data: ClientData):
         label_histogram=(torch.as_tensor(data.label_histogram, dtype=torch.float64)
                          if data.label_histogram is not None else None),
         sent_a=task.train_a,
+        metrics=metrics,
     )
     adapters.activate(host.model, adapters.ADAPTER)
     return reply
+
+
+def _penalty(host, task, adapter: str, modules) -> Callable[[], Tensor] | None:
+    """The method's local penalties over the modules that train: FedProx-style proximal term and HetLoRA's
+    tail-rank norms; None when there is neither."""
+    terms = [t for t in (_proximal(host, task, adapter, modules), _tail_norms(host, task, adapter, modules)) if t]
+    if not terms:
+        return None
+    return terms[0] if len(terms) == 1 else (lambda: sum(t() for t in terms))
+
+
+def _trained_layers(host, adapter: str, modules):
+    return [(m, layer) for m, layer in host.layers.items() if (modules is None or m in modules)]
+
+
+def _tail_norms(host, task, adapter: str, modules) -> Callable[[], Tensor] | None:
+    """``lambda * sum_m sum_{last delta ranks} ||b_i|| ||a_i||`` (HetLoRA's self-pruning penalty)."""
+    lam, tail = float(task.train.rank_penalty), int(task.train.penalty_ranks)
+    if lam <= 0 or tail <= 0:
+        return None
+    layers = [layer for _, layer in _trained_layers(host, adapter, modules)]
+
+    def penalty() -> Tensor:
+        return lam * sum(lowrank.tail_penalty(layer.lora_B[adapter].weight, layer.lora_A[adapter].weight, tail)
+                         for layer in layers)
+
+    return penalty
+
+
+@torch.no_grad()
+def _prune(host, adapter: str, modules, settings) -> int:
+    """Zero the trailing ranks below the share threshold in every trained module; the rank kept."""
+    layers = [layer for _, layer in _trained_layers(host, adapter, modules)]
+    pairs = [(layer.lora_B[adapter].weight, layer.lora_A[adapter].weight) for layer in layers]
+    kept = lowrank.pruned_rank(pairs, settings.prune_threshold, settings.min_rank)
+    for B, A in pairs:
+        B[:, kept:] = 0
+        A[kept:] = 0
+    return kept
 
 
 def _proximal(host, task, adapter: str, modules) -> Callable[[], Tensor] | None:

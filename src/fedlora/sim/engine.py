@@ -23,11 +23,15 @@ from .. import adapters, checkpoint, seeds
 from ..aggregators import AGGREGATORS, Aggregator, get_aggregator, method_options
 from ..config import RunConfig, TrainConfig
 from ..protocol import CorrectionHistory, TrainSettings
+from ..protocol.hierfedlora import OPTIONS as HIER_OPTIONS
+from ..protocol.hierfedlora import HierFedLoRA, HierOptions
 from ..protocol.strategy import RoundResult, RoundStrategy
-from ..runlog import MetricsWriter
+from ..runlog import HIER_FILE, MetricsWriter, append_jsonl, keep_jsonl_through
 from ..types import LowRank, ModuleState
 from .client import ClientData, predict
+from .clock import Clock, mean_lengths
 from .data import FederatedData, build_federated_data, score
+from .hierarchy import build_hierarchy
 from .host import ModelHost
 from .runtimes import InProcessRuntime
 
@@ -43,43 +47,52 @@ class Simulation:
     def __init__(self, cfg: RunConfig, *, runtime: type[InProcessRuntime] = InProcessRuntime):
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir)
+        self.method = cfg.federation.method
         self.aggregator: Aggregator = self.check(cfg)  # method and model fail before any data is read
         self.skipped: list[str] = []
         self.data: FederatedData = build_federated_data(cfg, self.run_dir)
         base, self.tokenizer = adapters.load_base_model(cfg.model, self.data.num_labels, cfg.seed)
         self.data.encode(self.tokenizer, cfg.model.max_length)
-        ranks = cfg.lora.client_ranks or [cfg.lora.rank]
-        self.client_ranks = {cid: ranks[i % len(ranks)] for i, cid in enumerate(self.data.client_ids)}
         model = adapters.attach_lora(base, cfg.lora, cfg.model.task_type)
+        ids = self.data.client_ids
+        layers = adapters.lora_layers(model)
+        self.clock = Clock(cfg, model, ids, mean_lengths(self.data.train, self.data.train_indices), list(layers))
+        self.client_ranks = client_ranks(cfg, ids, self.clock.profiles)
         self.host = ModelHost(model, cfg.lora, cfg.model.task_type, self.client_ranks.values())
         self.clients = {
-            cid: ClientData(self.data.train, self.data.train_indices[cid], self.data.histograms[cid])
-            for cid in self.data.client_ids
+            cid: ClientData(self.data.train, self.data.train_indices[cid], self.data.histograms[cid]) for cid in ids
         }
         self.runtime = runtime(self.host, self.clients)
         head = {k: p.detach().clone() for k, p in self.host.heads().items()}
-        self.strategy = RoundStrategy(
-            self.aggregator, self.host.read_state(), head, train=train_settings(cfg.train),
-            ranks=self.client_ranks, seed=cfg.seed, history=CorrectionHistory(load=self._corrections_of),
-        )
+        kwargs = dict(train=train_settings(cfg.train), ranks=self.client_ranks, seed=cfg.seed,
+                      history=CorrectionHistory(load=self._corrections_of))
+        if self.method == HierFedLoRA.name:
+            self.strategy = build_hierarchy(HierOptions(**cfg.federation.method_options), self.clock,
+                                            self.data.histograms, self.host.read_state(), head, **kwargs)
+        else:
+            self.strategy = RoundStrategy(self.aggregator, self.host.read_state(), head, **kwargs)
         self.records: list[dict] = []
         self.next_round = 0
         self._round_corrections: dict[str, LowRank] = {}
 
     @staticmethod
     def check(cfg: RunConfig) -> Aggregator:
-        """The run's aggregator, after checking its options and that the model can be found (one-line errors).
+        """The run's aggregator (HierFedLoRA: its rule inside groups), after checking the method's options and
+        that the model can be found (one-line errors).
 
         A method with a ``seed`` option (FLoRA's fresh factors) follows the run's seed unless it is given.
         """
         method, options = cfg.federation.method, dict(cfg.federation.method_options)
         try:
-            if method in AGGREGATORS and "seed" in method_options(method) and "seed" not in options:
-                options["seed"] = cfg.seed
-            aggregator = get_aggregator(method, **options)
+            if method == HierFedLoRA.name:
+                aggregator = _hier_options(options).rules(cfg.seed)[0]
+            else:
+                if method in AGGREGATORS and "seed" in method_options(method) and "seed" not in options:
+                    options["seed"] = cfg.seed
+                aggregator = get_aggregator(method, **options)
         except ValueError as err:
-            key = "federation.method_options" if method in AGGREGATORS else "federation.method"
-            raise ValueError(f"{key}: {err}") from None
+            known = method in AGGREGATORS or method == HierFedLoRA.name
+            raise ValueError(f"{'federation.method_options' if known else 'federation.method'}: {err}") from None
         adapters.check_model(cfg.model)
         return aggregator
 
@@ -157,7 +170,8 @@ class Simulation:
         strategy.global_state = {m: ModuleState(f, strategy.global_state[m].layout) for m, f in factors.items()}
         strategy.head = head
         strategy.history = CorrectionHistory(load=self._corrections_of, latest=completed)
-        strategy.synced = {cid: int(v) for cid, v in state.get("synced", {}).items()}
+        strategy.load_state(state.get("strategy", {"synced": state.get("synced", {})}))
+        self.clock.load_state(state.get("clock", {}))
         for cid, opt in _unflatten_optimizers(checkpoint.load_tensors(folder, "optimizer"), state).items():
             self.clients[cid].optimizer_state = opt
         self.records = list(state["metrics"])
@@ -165,6 +179,9 @@ class Simulation:
         self.host.install_global(strategy.global_state, strategy.head)
         with MetricsWriter(self.run_dir, tensorboard=False) as writer:
             writer.truncate_after(completed)
+        keep_jsonl_through(self.run_dir / HIER_FILE, completed)
+        if hasattr(strategy, "events"):  # the grouping at the start is logged already
+            strategy.events.clear()
         log.info("resumed %s after round %d", self.run_dir, completed)
 
     # ------------------------------------------------------------------ one round
@@ -175,21 +192,57 @@ class Simulation:
         return [ids[i] for i in sorted(chosen)]
 
     def run_round(self, round_idx: int, on_client: Callable[[str], None] | None = None) -> dict:
+        """One global round: the strategy's exchanges (one, or HierFedLoRA's group rounds), then fold, evaluate."""
         t0 = time.perf_counter()
-        tasks = self.strategy.configure_train(round_idx, self.sample_clients(round_idx))
-        exchange = self.runtime.exchange(tasks, on_reply=on_client)
-        result = self.strategy.aggregate_train(round_idx, tasks, exchange.replies, exchange.failed)
-        for why in result.rejected.values():
-            log.warning("round %d: rejected update: %s", round_idx + 1, why)
+        clients = self.sample_clients(round_idx)
+        times, header_bytes, stragglers = [], {}, []
+        bytes_up: dict[str, int] = {}
+        bytes_down: dict[str, int] = {}
+        for step in range(self.strategy.exchanges_per_round):
+            tasks = self.strategy.configure_train(round_idx, clients, step=step)
+            exchange = self.runtime.exchange(tasks, on_reply=on_client)
+            exchange_times = self._times(round_idx, tasks, exchange)
+            late = self.clock.stragglers(exchange_times)
+            for cid, why in late.items():
+                exchange.failed.setdefault(cid, why)
+                exchange.replies.pop(cid, None)
+            stragglers += [cid for cid in late if cid not in stragglers]
+            result = self.strategy.aggregate_train(round_idx, tasks, exchange.replies, exchange.failed, step=step)
+            times.append(exchange_times)
+            for total, part in ((bytes_up, result.bytes_up), (bytes_down, result.bytes_down),
+                                (header_bytes, exchange.header_bytes)):
+                for cid, n in part.items():
+                    total[cid] = total.get(cid, 0) + n
+        result.bytes_up, result.bytes_down = bytes_up, bytes_down
+        for cid, why in result.rejected.items():
+            if cid in stragglers:
+                log.info("round %d: client %s dropped: %s", round_idx + 1, cid, why)
+            else:
+                log.warning("round %d: rejected update: %s", round_idx + 1, why)
         if not result.clients:
             log.warning("round %d: every update was rejected; the global model is unchanged", round_idx + 1)
         self.host.fold(result.corrections)
         self._round_corrections = result.corrections  # written by the round's checkpoint
         self.host.install_global(result.global_state, result.head)
-        record = _record(self.aggregator.name, result, exchange.header_bytes)
+        record = _record(self.method, result, header_bytes)
+        lanes = {cid: self.strategy.lane_of(cid) for cid in clients}
+        record["sim_round_s"] = self.clock.round_time(times, lanes)
+        record["stragglers"] = stragglers
         record.update(self.evaluate(result.clients))
         record["round_time_s"] = time.perf_counter() - t0
         return record
+
+    def _times(self, round_idx: int, tasks, exchange) -> dict:
+        """Each client's simulated time in one exchange (its reply's bytes, or none when it failed)."""
+        from ..protocol import reply_tensor_bytes, task_tensor_bytes
+
+        return {
+            cid: self.clock.client_time(
+                round_idx, task, len(self.clients[cid].indices), task_tensor_bytes(task),
+                reply_tensor_bytes(exchange.replies[cid]) if cid in exchange.replies else 0,
+            )
+            for cid, task in tasks.items()
+        }
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, local_clients: list[str] = ()) -> dict:
@@ -207,6 +260,13 @@ class Simulation:
             out["local_metric"] = float(np.mean(values)) if values else None
         return out
 
+    def _log_events(self, round_idx: int) -> None:
+        """HierFedLoRA's groupings and plans, appended to ``hier.jsonl`` as they change."""
+        events = getattr(self.strategy, "events", None)
+        if events:
+            append_jsonl(self.run_dir / HIER_FILE, events)
+            events.clear()
+
     # ------------------------------------------------------------------ checkpoint
     def _checkpoint(self, round_number: int) -> None:
         factors = {m: s.factors for m, s in self.global_state.items()}
@@ -221,6 +281,8 @@ class Simulation:
             "metrics": self.records,
             "optimizer_meta": opt_meta,
             "synced": self.strategy.synced,
+            "strategy": self.strategy.state(),
+            "clock": self.clock.state(),
         }
         checkpoint.save_round(
             self.run_dir, round_number, {"adapter": adapter, "correction": corr, "optimizer": opt_tensors}, state
@@ -243,6 +305,8 @@ class Simulation:
             for round_idx in range(self.next_round, last):
                 record = self.run_round(round_idx, on_client=lambda cid, r=round_idx: emit("client", round=r + 1, client=cid))
                 record["wall_time_s"] = time.perf_counter() - t_start
+                record["sim_time_s"] = record["sim_round_s"] + (self.records[-1]["sim_time_s"] if self.records else 0.0)
+                self._log_events(round_idx)
                 self.records.append(record)
                 writer.write(record)
                 self._checkpoint(round_idx + 1)
@@ -254,6 +318,22 @@ class Simulation:
                     record["eval_loss"], record.get("agg_error", float("nan")),
                 )
         return self.records
+
+
+def _hier_options(options: dict) -> HierOptions:
+    unknown = sorted(set(options) - set(HIER_OPTIONS))
+    if unknown:
+        raise ValueError(f"hierfedlora: unknown option {unknown[0]!r}; valid options: {', '.join(HIER_OPTIONS)}")
+    return HierOptions(**options)
+
+
+def client_ranks(cfg: RunConfig, client_ids: list[str], profiles: dict) -> dict[str, int]:
+    """Each client's LoRA rank: ``lora.client_ranks`` cycled, or by device class, or ``lora.rank``."""
+    ranks = cfg.lora.client_ranks
+    if isinstance(ranks, dict):
+        return {cid: ranks.get(profiles[cid].name, cfg.lora.rank) for cid in client_ids}
+    ranks = ranks or [cfg.lora.rank]
+    return {cid: ranks[i % len(ranks)] for i, cid in enumerate(client_ids)}
 
 
 def train_settings(train: TrainConfig) -> TrainSettings:
@@ -268,6 +348,13 @@ def train_settings(train: TrainConfig) -> TrainSettings:
 def _record(method: str, result: RoundResult, header_bytes: dict[str, int]) -> dict:
     """The metrics record of one round, before evaluation."""
     record = {"round": result.round, "method": method, "clients": result.clients, "rejected": list(result.rejected)}
+    if result.ranks:
+        record["client_ranks"] = result.ranks
+    if result.rank_energy is not None:
+        record["rank_energy"] = result.rank_energy
+    for key in ("inner_error", "groups"):
+        if result.info.get(key) is not None:
+            record[key] = result.info[key]
     if result.clients:
         record.update(
             agg_error=result.error,

@@ -26,12 +26,18 @@ class ModelHost:
         self.model = model
         self.global_rank = lora.rank
         self.layers = adapters.lora_layers(model)
-        for r in sorted(set(ranks) - {lora.rank}):
-            adapters.add_rank_adapter(model, lora, task_type, r)
+        self._lora, self._task_type = lora, task_type
+        self._ranks = {lora.rank}
+        for r in sorted(set(ranks)):
+            self.adapter_for(r)
         adapters.activate(model, adapters.ADAPTER)
         self.version = 0
 
     def adapter_for(self, rank: int) -> str:
+        """The adapter of LoRA rank ``rank``, added on first use (a client that pruned its rank)."""
+        if rank not in self._ranks:
+            adapters.add_rank_adapter(self.model, self._lora, self._task_type, rank)
+            self._ranks.add(rank)
         return adapters.ADAPTER if rank == self.global_rank else adapters.rank_adapter_name(rank)
 
     def read_state(self, adapter: str = adapters.ADAPTER) -> dict[str, ModuleState]:

@@ -1,0 +1,145 @@
+"""The issue-8 experiment: HierFedLoRA against flat FedIT, FedEx and HEXA on AG News with uneven devices.
+
+    .venv/bin/python benchmarks/heterogeneity.py                 # both seeds (skips runs already complete)
+    .venv/bin/python benchmarks/heterogeneity.py --seeds 0       # one seed
+    .venv/bin/python benchmarks/heterogeneity.py --table-only    # only re-read the runs and write the table
+
+Each seed is one ``fedlora compare`` of ``recipes/configs/hierfedlora/minilm_agnews.yaml`` (MiniLM, 20
+clients, Dirichlet 0.1, three device classes 4x apart in speed and bandwidth) into ``runs/heterogeneity/
+seed<S>``; a seed whose four runs are complete is not re-run. The summary (per method, mean over seeds of
+simulated hours and MB to the target accuracy, final and best accuracy) goes to
+``benchmarks/results/heterogeneity.json`` and ``docs/heterogeneity_table.md``, the curves of every seed to
+``docs/figures/heterogeneity_*.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = "recipes/configs/hierfedlora/minilm_agnews.yaml"
+METHODS = ["hierfedlora", "fedit", "fedex", "hexa"]
+OUT = ROOT / "runs" / "heterogeneity"
+
+
+def run_seed(seed: int, rounds: int | None) -> float:
+    """One compare of every method at ``seed``; returns its wall seconds (0 when already complete)."""
+    out = OUT / f"seed{seed}"
+    want = rounds or 12
+    done = all(_records(out / m) and len(_records(out / m)) >= want for m in METHODS)
+    if done:
+        return 0.0
+    cmd = [str(ROOT / ".venv" / "bin" / "fedlora"), "compare", RECIPE, "--methods", ",".join(METHODS),
+           "--out", str(out), "--overwrite", f"seed={seed}"]
+    if rounds:
+        cmd.append(f"federation.rounds={rounds}")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.setdefault("FEDLORA_DATA_DIR", str(ROOT.parent / "shared" / "data" / "glue"))
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+    return time.perf_counter() - t0
+
+
+def _records(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def summarise(seeds: list[int], target: float) -> dict:
+    sys.path.insert(0, str(ROOT / "src"))
+    from fedlora.report_costs import cost_curve, time_to_target
+
+    summary = {"target": target, "seeds": seeds, "methods": {}}
+    for method in METHODS:
+        per_seed = []
+        for seed in seeds:
+            records = _records(OUT / f"seed{seed}" / method)
+            if not records:
+                continue
+            curve = cost_curve(records)
+            hit = time_to_target(records, target)
+            per_seed.append({
+                "seed": seed, "final": curve[-1]["metric"], "best": max(p["metric"] for p in curve),
+                "round_to_target": hit["round"] if hit else None,
+                "hours_to_target": hit["sim_s"] / 3600 if hit else None,
+                "mb_to_target": hit["bytes"] / 1e6 if hit else None,
+                "hours_total": curve[-1]["sim_s"] / 3600, "mb_total": curve[-1]["bytes"] / 1e6,
+                "wall_s": records[-1].get("wall_time_s"),
+            })
+        summary["methods"][method] = per_seed
+    return summary
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def table(summary: dict) -> str:
+    def fmt(v, spec):
+        return "—" if v is None else format(v, spec)
+
+    lines = [f"Target accuracy {summary['target']:.2f}; mean over seeds {summary['seeds']} "
+             "(a method that missed the target in a seed shows the count reached).", "",
+             "| Method | Reached target | Sim. hours to target | MB to target | Final accuracy | Best accuracy "
+             "| Sim. hours total | Wall s (this machine) |",
+             "|:---|---:|---:|---:|---:|---:|---:|---:|"]
+    for method, rows in summary["methods"].items():
+        reached = [r for r in rows if r["hours_to_target"] is not None]
+        lines.append("| " + " | ".join([
+            method, f"{len(reached)}/{len(rows)}",
+            fmt(_mean(r["hours_to_target"] for r in reached), ".3f"),
+            fmt(_mean(r["mb_to_target"] for r in reached), ".1f"),
+            fmt(_mean(r["final"] for r in rows), ".4f"), fmt(_mean(r["best"] for r in rows), ".4f"),
+            fmt(_mean(r["hours_total"] for r in rows), ".3f"), fmt(_mean(r["wall_s"] for r in rows), ".0f"),
+        ]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(seeds: list[int], target: float) -> None:
+    sys.path.insert(0, str(ROOT / "src"))
+    from fedlora.report_costs import plot_costs
+
+    figures = ROOT / "docs" / "figures"
+    for seed in seeds:
+        runs = {m: _records(OUT / f"seed{seed}" / m) for m in METHODS}
+        runs = {m: r for m, r in runs.items() if r}
+        if not runs:
+            continue
+        for path in plot_costs(runs, OUT / f"seed{seed}", target):
+            dest = figures / f"heterogeneity_seed{seed}_{path.name.removeprefix('compare_')}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(path.read_bytes())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--rounds", type=int, default=None, help="override federation.rounds (smoke runs)")
+    parser.add_argument("--target", type=float, default=0.8)
+    parser.add_argument("--table-only", action="store_true")
+    args = parser.parse_args()
+    walls = {}
+    if not args.table_only:
+        for seed in args.seeds:
+            walls[seed] = run_seed(seed, args.rounds)
+    summary = summarise(args.seeds, args.target)
+    summary["compare_wall_s"] = walls
+    results = ROOT / "benchmarks" / "results" / "heterogeneity.json"
+    results.write_text(json.dumps(summary, indent=2) + "\n")
+    (ROOT / "docs").mkdir(exist_ok=True)
+    (ROOT / "docs" / "heterogeneity_table.md").write_text(table(summary))
+    plots(args.seeds, args.target)
+    print(table(summary))
+
+
+if __name__ == "__main__":
+    main()
