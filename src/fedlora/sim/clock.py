@@ -107,3 +107,12 @@ def mean_lengths(encoded: dict, indices: Mapping[str, np.ndarray]) -> dict[str, 
         return {cid: width for cid in indices}
     lengths = mask.sum(1).double().numpy()
     return {cid: float(lengths[idx].mean()) if len(idx) else 1.0 for cid, idx in indices.items()}
+
+
+def client_ranks(cfg: RunConfig, client_ids: list[str], profiles: dict) -> dict[str, int]:
+    """Each client's LoRA rank: ``lora.client_ranks`` cycled, or by device class, or ``lora.rank``."""
+    ranks = cfg.lora.client_ranks
+    if isinstance(ranks, dict):
+        return {cid: ranks.get(profiles[cid].name, cfg.lora.rank) for cid in client_ids}
+    ranks = ranks or [cfg.lora.rank]
+    return {cid: ranks[i % len(ranks)] for i, cid in enumerate(client_ids)}

@@ -23,15 +23,14 @@ from .. import adapters, checkpoint, seeds
 from ..aggregators import AGGREGATORS, Aggregator, get_aggregator, method_options
 from ..config import RunConfig, TrainConfig
 from ..protocol import CorrectionHistory, TrainSettings
-from ..protocol.hierfedlora import OPTIONS as HIER_OPTIONS
-from ..protocol.hierfedlora import HierFedLoRA, HierOptions
+from ..protocol.hierfedlora import HierFedLoRA
 from ..protocol.strategy import RoundResult, RoundStrategy
 from ..runlog import HIER_FILE, MetricsWriter, append_jsonl, keep_jsonl_through
 from ..types import LowRank, ModuleState
 from .client import ClientData, predict
-from .clock import Clock, mean_lengths
+from .clock import Clock, client_ranks, mean_lengths
 from .data import FederatedData, build_federated_data, score
-from .hierarchy import build_hierarchy
+from .hierarchy import build_hierarchy, hier_options
 from .host import ModelHost
 from .runtimes import InProcessRuntime
 
@@ -67,7 +66,7 @@ class Simulation:
         kwargs = dict(train=train_settings(cfg.train), ranks=self.client_ranks, seed=cfg.seed,
                       history=CorrectionHistory(load=self._corrections_of))
         if self.method == HierFedLoRA.name:
-            self.strategy = build_hierarchy(HierOptions(**cfg.federation.method_options), self.clock,
+            self.strategy = build_hierarchy(hier_options(cfg.federation.method_options), self.clock,
                                             self.data.histograms, self.host.read_state(), head, **kwargs)
         else:
             self.strategy = RoundStrategy(self.aggregator, self.host.read_state(), head, **kwargs)
@@ -85,7 +84,11 @@ class Simulation:
         method, options = cfg.federation.method, dict(cfg.federation.method_options)
         try:
             if method == HierFedLoRA.name:
-                aggregator = _hier_options(options).rules(cfg.seed)[0]
+                hier = hier_options(options)
+                if hier.groups > cfg.partition.num_clients:
+                    raise ValueError(f"hierfedlora: groups={hier.groups} exceeds partition.num_clients="
+                                     f"{cfg.partition.num_clients}")
+                aggregator = hier.rules(cfg.seed)[0]
             else:
                 if method in AGGREGATORS and "seed" in method_options(method) and "seed" not in options:
                     options["seed"] = cfg.seed
@@ -318,22 +321,6 @@ class Simulation:
                     record["eval_loss"], record.get("agg_error", float("nan")),
                 )
         return self.records
-
-
-def _hier_options(options: dict) -> HierOptions:
-    unknown = sorted(set(options) - set(HIER_OPTIONS))
-    if unknown:
-        raise ValueError(f"hierfedlora: unknown option {unknown[0]!r}; valid options: {', '.join(HIER_OPTIONS)}")
-    return HierOptions(**options)
-
-
-def client_ranks(cfg: RunConfig, client_ids: list[str], profiles: dict) -> dict[str, int]:
-    """Each client's LoRA rank: ``lora.client_ranks`` cycled, or by device class, or ``lora.rank``."""
-    ranks = cfg.lora.client_ranks
-    if isinstance(ranks, dict):
-        return {cid: ranks.get(profiles[cid].name, cfg.lora.rank) for cid in client_ids}
-    ranks = ranks or [cfg.lora.rank]
-    return {cid: ranks[i % len(ranks)] for i, cid in enumerate(client_ids)}
 
 
 def train_settings(train: TrainConfig) -> TrainSettings:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..hier import GroupCosts, Grouping, group_clients, kl_divergence, mixed_histogram, plan_groups
-from ..protocol.hierfedlora import HierFedLoRA, HierOptions
+from ..protocol.hierfedlora import OPTIONS, HierFedLoRA, HierOptions
 from .clock import Clock
 
 
@@ -21,8 +21,6 @@ def build_hierarchy(options: HierOptions, clock: Clock, histograms: dict[str, np
     """The HierFedLoRA strategy of a run: grouping, planner and the two aggregation rules."""
     rule, global_rule = options.rules(strategy_kwargs["seed"])
     ids = list(histograms)
-    if options.groups > len(ids):
-        raise ValueError(f"federation.method_options.groups={options.groups} exceeds the {len(ids)} clients")
     grouping = group_clients(histograms, options.groups, speeds={c: clock.speed(c) for c in ids},
                              divergence=options.divergence)
     at_depth = modules_by_depth(clock)
@@ -53,3 +51,11 @@ def build_hierarchy(options: HierOptions, clock: Clock, histograms: dict[str, np
     return HierFedLoRA(rule, global_rule, global_state, head, grouping=grouping, plan_for=plan_for,
                        modules_at_depth=lambda depth: list(at_depth[depth]), group_rounds=options.group_rounds,
                        **strategy_kwargs)
+
+
+def hier_options(options: dict) -> HierOptions:
+    """``federation.method_options`` of hierfedlora, unknown names refused with the valid ones listed."""
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"hierfedlora: unknown option {unknown[0]!r}; valid options: {', '.join(OPTIONS)}")
+    return HierOptions(**options)
