@@ -25,6 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/configs/hierfedlora/minilm_agnews.yaml"
 METHODS = ["hierfedlora", "fedit", "fedex", "hexa"]
+# HierFedLoRA with factor averaging at both levels: no corrections to ship (the exact default ships the
+# groups' folded residuals to their members and the global one to every client that catches up).
+VARIANTS = {"hierfedlora_fedit": ["federation.method_options.rule=fedit", "federation.method_options.global_rule=fedit"]}
 OUT = ROOT / "runs" / "heterogeneity"
 
 
@@ -39,11 +42,31 @@ def run_seed(seed: int, rounds: int | None) -> float:
            "--out", str(out), "--overwrite", f"seed={seed}"]
     if rounds:
         cmd.append(f"federation.rounds={rounds}")
+    return _timed(cmd)
+
+
+def _env() -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.setdefault("FEDLORA_DATA_DIR", str(ROOT.parent / "shared" / "data" / "glue"))
+    return env
+
+
+def _timed(cmd: list[str]) -> float:
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+    subprocess.run(cmd, check=True, cwd=ROOT, env=_env())
     return time.perf_counter() - t0
+
+
+def run_variant(seed: int, name: str, overrides: list[str], rounds: int | None) -> float:
+    """One ``fedlora run`` of the recipe with ``overrides`` into ``runs/heterogeneity/seed<S>/<name>``."""
+    run = OUT / f"seed{seed}" / name
+    if len(_records(run)) >= (rounds or 12):
+        return 0.0
+    cmd = [str(ROOT / ".venv" / "bin" / "fedlora"), "run", RECIPE, *overrides, f"seed={seed}",
+           f"output_dir={run}", "--overwrite"]
+    if rounds:
+        cmd.append(f"federation.rounds={rounds}")
+    return _timed(cmd)
 
 
 def _records(run: Path) -> list[dict]:
@@ -58,7 +81,7 @@ def summarise(seeds: list[int], target: float) -> dict:
     from fedlora.report_costs import cost_curve, time_to_target
 
     summary = {"target": target, "seeds": seeds, "methods": {}}
-    for method in METHODS:
+    for method in [*METHODS, *VARIANTS]:
         per_seed = []
         for seed in seeds:
             records = _records(OUT / f"seed{seed}" / method)
@@ -110,7 +133,7 @@ def plots(seeds: list[int], target: float) -> None:
 
     figures = ROOT / "docs" / "figures"
     for seed in seeds:
-        runs = {m: _records(OUT / f"seed{seed}" / m) for m in METHODS}
+        runs = {m: _records(OUT / f"seed{seed}" / m) for m in [*METHODS, *VARIANTS]}
         runs = {m: r for m, r in runs.items() if r}
         if not runs:
             continue
@@ -131,6 +154,8 @@ def main() -> None:
     if not args.table_only:
         for seed in args.seeds:
             walls[seed] = run_seed(seed, args.rounds)
+            for name, overrides in VARIANTS.items():
+                walls[f"{seed}/{name}"] = run_variant(seed, name, overrides, args.rounds)
     summary = summarise(args.seeds, args.target)
     summary["compare_wall_s"] = walls
     results = ROOT / "benchmarks" / "results" / "heterogeneity.json"

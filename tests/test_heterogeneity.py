@@ -91,7 +91,8 @@ def test_compare_with_heterogeneous_ranks_plots_metric_error_and_rank_energy(ass
     overrides = [o for o in tiny_overrides(model_dir, data_file, tmp_path / "x", "hexa", 2)
                  if not o.startswith(("federation.method=", "output_dir="))]
     cmd = [sys.executable, "-m", "fedlora.cli", "compare",
-           "--methods", "flora,flexlora,hetlora:prune_threshold=0.05:rank_penalty=0.001:penalty_ranks=1,hexa",
+           "--methods", "flora,flexlora,hetlora:prune_threshold=0.05:rank_penalty=0.001:penalty_ranks=1,hexa,"
+           "hierfedlora:groups=2:taus=[2]",
            "--out", str(out), *overrides, "lora.client_ranks=[1, 2, 4]", *TWO_CLASSES]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -105,3 +106,4 @@ def test_compare_with_heterogeneous_ranks_plots_metric_error_and_rank_energy(ass
         records = [json.loads(line) for line in (out / method / "metrics.jsonl").read_text().splitlines()]
         assert all(0.0 <= r["rank_energy"] <= 1.0 for r in records), method
         assert all(set(r["client_ranks"].values()) <= {1, 2, 4} for r in records)
+    assert (out / "hierfedlora" / "groups.png").stat().st_size > 0  # HierFedLoRA with mixed ranks, drawn

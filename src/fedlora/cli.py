@@ -218,7 +218,8 @@ def run(
     plot_run(records, run_dir)
     _plot_hierarchy(sim, run_dir)
     _stdout().print(summary_table(records, f"fedlora run: {run_dir}"))
-    _stdout().print(Markdown(_targets(records, sim.cfg.eval.target)))
+    if sim.cfg.eval.target is not None:
+        _stdout().print(Markdown(_targets(records, sim.cfg.eval.target)))
     console.print(f"metrics, plots and checkpoints in [bold]{run_dir}[/]")
 
 

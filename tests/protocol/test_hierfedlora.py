@@ -164,3 +164,13 @@ def test_options_are_checked_in_one_line():
         HierOptions(rule="nope").rules(0)
     rule, global_rule = HierOptions(rule="hexa", global_rule="fedit").rules(0)
     assert (rule.name, global_rule.name) == ("hexa", "fedit")
+
+
+def test_a_new_grouping_is_adopted_and_logged_once():
+    strategy = _strategy("fedex", "fedex", [["a", "b"], ["c"]], depths=[2, 1], group_rounds=1)
+    strategy.configure_train(0, ["a", "b", "c"])
+    assert [e["kind"] for e in strategy.events] == ["groups", "plan"]
+    strategy.regroup(_Grouping([["a", "b"], ["c"]]), 1)  # the same groups: nothing new
+    strategy.regroup(_Grouping([["a"], ["b", "c"]]), 1)
+    assert strategy.events[-1] == {"round": 2, "kind": "groups", "groups": [["a"], ["b", "c"]]}
+    assert len(strategy.events) == 3 and strategy.lane_of("b") == 1

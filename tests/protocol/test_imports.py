@@ -141,6 +141,7 @@ LAYERS = [
     ["fedlora.report", "fedlora.report_costs"],
     ["fedlora.adapters"],
     ["fedlora.sim"],
+    ["fedlora.flower"],  # the only package that imports flwr
     ["fedlora.export"],
     ["fedlora.cli"],
 ]
@@ -173,3 +174,10 @@ def test_the_layer_check_flags_a_backward_import(tmp_path):
     fake = SRC / "fedlora" / "config.py"  # a real name (layer 4), fake code importing the engine
     names = imported_names("from .sim.engine import Simulation\n", module_name(fake))
     assert any(layer_of(n) > layer_of("fedlora.config") for n in names)
+
+
+def test_only_fedlora_flower_imports_flwr():
+    importers = [module_name(p) for p in ALL_FILES
+                 if any(n == "flwr" or n.startswith("flwr.")
+                        for n in imported_names(p.read_text(), module_name(p), p.name == "__init__.py"))]
+    assert all(m == "fedlora.flower" or m.startswith("fedlora.flower.") for m in importers), importers

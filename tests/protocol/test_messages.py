@@ -358,3 +358,13 @@ def test_corrupted_header_bytes_never_escape_as_other_errors():
             decode_task(bytes(corrupt))
         except MessageError as err:
             assert "\n" not in str(err)
+
+
+def test_a_dtype_safetensors_cannot_store_is_a_one_line_message_error():
+    task = make_task(0)
+    m = next(iter(task.adapter))
+    f = task.adapter[m]
+    task.adapter[m] = LoRAFactors(f.B.to(torch.complex128), f.A.to(torch.complex128), f.scale)
+    with pytest.raises(MessageError, match="cannot encode the message") as err:
+        encode_task(task)
+    assert "\n" not in str(err.value)

@@ -118,7 +118,7 @@ def _pack(header: dict, groups: dict[str, dict[str, tuple[Tensor, ...]]],
     try:
         text = json.dumps(header, separators=(",", ":"))
         return safetensors.torch.save(tensors, metadata={_META_KEY: text})
-    except (SafetensorError, ValueError, TypeError, RuntimeError) as err:
+    except (SafetensorError, ValueError, TypeError, RuntimeError, KeyError) as err:  # KeyError: a dtype it lacks
         raise MessageError(f"cannot encode the message: {err}") from None
 
 
@@ -143,7 +143,7 @@ class _Reader:
             raise MessageError(f"unsupported {kind} version {got_version!r}; this reader knows {version!r}")
         try:
             self.tensors = safetensors.torch.load(bytes(data))
-        except SafetensorError as err:
+        except (SafetensorError, KeyError) as err:  # KeyError: a dtype safetensors writes but cannot read
             raise MessageError(f"corrupt or truncated tensor data: {err}") from None
         self.fields = {k: v for k, v in fields.items() if k != "format"}
         self.kind = kind.removeprefix("fedlora.")
