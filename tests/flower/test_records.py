@@ -8,10 +8,8 @@ trimmed, from tests/protocol/test_messages.py.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
-import math
 import struct
 
 import pytest

@@ -12,8 +12,6 @@ copied, trimmed, from tests/flower/test_records.py.
 from __future__ import annotations
 
 import dataclasses
-import math
-import struct
 import uuid
 
 import pytest
