@@ -73,10 +73,10 @@ def targets_markdown(runs: Mapping[str, Sequence[Mapping[str, Any]]], target: fl
         hit = time_to_target(records, chosen, higher)
         row = [_md_cell(str(method)),
                str(hit["round"]) if hit else "not reached",
-               _fmt(hit["sim_s"] / _HOUR if hit else None, ".3f"),
+               _fmt(hit["sim_s"] / _HOUR if hit else None, ".4g"),
                _fmt(hit["bytes"] / _MB if hit else None, ".2f"),
                _fmt(curve[-1]["metric"] if curve else None, ".4f"),
-               _fmt(curve[-1]["sim_s"] / _HOUR if curve else None, ".3f")]
+               _fmt(curve[-1]["sim_s"] / _HOUR if curve else None, ".4g")]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
