@@ -198,7 +198,7 @@ class Simulation:
         """One global round: the strategy's exchanges (one, or HierFedLoRA's group rounds), then fold, evaluate."""
         t0 = time.perf_counter()
         clients = self.sample_clients(round_idx)
-        times, header_bytes, stragglers = [], {}, []
+        times, header_bytes, stragglers, rejected = [], {}, [], {}
         bytes_up: dict[str, int] = {}
         bytes_down: dict[str, int] = {}
         for step in range(self.strategy.exchanges_per_round):
@@ -211,12 +211,13 @@ class Simulation:
                 exchange.replies.pop(cid, None)
             stragglers += [cid for cid in late if cid not in stragglers]
             result = self.strategy.aggregate_train(round_idx, tasks, exchange.replies, exchange.failed, step=step)
+            rejected.update(result.rejected)  # a client rejected in any exchange of the round
             times.append(exchange_times)
             for total, part in ((bytes_up, result.bytes_up), (bytes_down, result.bytes_down),
                                 (header_bytes, exchange.header_bytes)):
                 for cid, n in part.items():
                     total[cid] = total.get(cid, 0) + n
-        result.bytes_up, result.bytes_down = bytes_up, bytes_down
+        result.bytes_up, result.bytes_down, result.rejected = bytes_up, bytes_down, rejected
         for cid, why in result.rejected.items():
             if cid in stragglers:
                 log.info("round %d: client %s dropped: %s", round_idx + 1, cid, why)
