@@ -1,4 +1,5 @@
-"""A bit-exact comparison of protocol messages, shared by the protocol and Flower tests."""
+"""A bit-exact comparison of protocol messages and the one-line error check, shared by the protocol and
+Flower tests."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import dataclasses
 import math
 import struct
 
+import pytest
 import torch
 
-from fedlora.protocol import ClientReply, ClientTask, TrainSettings
+from fedlora.protocol import ClientReply, ClientTask, MessageError, TrainSettings
 from fedlora.types import LoRAFactors, LowRank
 
 
@@ -43,3 +45,13 @@ def assert_same(a, b, path: str = "") -> None:
         assert (math.isnan(a) and math.isnan(b)) or float_bits(a) == float_bits(b), f"{path}: {a!r} != {b!r}"
     else:
         assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def assert_one_line_error(fn, *args, match: str | None = None) -> str:
+    with pytest.raises(MessageError) as info:
+        fn(*args)
+    text = str(info.value)
+    assert text and "\n" not in text and len(text) < 400, repr(text)
+    if match is not None:
+        assert match in text, text
+    return text

@@ -1,5 +1,5 @@
-"""Builders and comparisons shared by the Flower tests: protocol messages with every kind of field (float32
-and float64 factors, empty factors, frozen terms, catch-up, bf16 heads) and the bit-exact comparison of message_builders."""
+"""Builders shared by the Flower tests: protocol messages with every kind of field (float32
+and float64 factors, empty factors, frozen terms, catch-up, bf16 heads)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch
 
 from fedlora.protocol import ClientReply, ClientTask, TrainSettings
 from fedlora.types import LoRAFactors, LowRank
-from message_builders import assert_same, float_bits, raw_bytes  # noqa: F401  (re-exported for the Flower tests)
 
 SHAPES = {"base_model.model.encoder.layer.0.attention.self.query": (8, 6), "layer.1/value": (5, 7),
           "módulo ü": (3, 3)}

@@ -43,29 +43,11 @@ from fedlora.types import LoRAFactors, LowRank  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
-from flower_builders import (  # noqa: E402
-    CLIENT_IDS,
-    SHAPES,
-    assert_same,
-    float_bits,
-    make_reply,
-    make_task,
-    rand,
-    raw_bytes,
-)
+from flower_builders import CLIENT_IDS, SHAPES, make_reply, make_task, rand  # noqa: E402
+from message_builders import assert_one_line_error, assert_same, float_bits, raw_bytes  # noqa: E402
 
 
-# ---------------------------------------------------------------- errors
-
-def assert_one_line_error(fn, *args, match: str | None = None) -> str:
-    with pytest.raises(MessageError) as info:
-        fn(*args)
-    text = str(info.value)
-    assert text and "\n" not in text and len(text) < 400, repr(text)
-    if match is not None:
-        assert match in text, text
-    return text
-
+# ---------------------------------------------------------------- helpers
 
 def container_header(data: bytes) -> dict:
     n = struct.unpack("<Q", data[:8])[0]

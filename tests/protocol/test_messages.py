@@ -32,7 +32,7 @@ from fedlora.protocol import (
     task_tensor_bytes,
 )
 from fedlora.types import LoRAFactors, LowRank
-from message_builders import assert_same, float_bits, raw_bytes
+from message_builders import assert_one_line_error, assert_same, float_bits, raw_bytes
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -107,16 +107,6 @@ def tensors_of(obj) -> list[torch.Tensor]:
 
 
 # ---------------------------------------------------------------- comparison
-
-def assert_one_line_error(fn, *args, match: str | None = None) -> str:
-    with pytest.raises(MessageError) as info:
-        fn(*args)
-    text = str(info.value)
-    assert text and "\n" not in text and len(text) < 400, repr(text)
-    if match is not None:
-        assert match in text, text
-    return text
-
 
 # ---------------------------------------------------------------- round trips
 

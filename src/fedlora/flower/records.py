@@ -29,7 +29,6 @@ This package is the only one in fedlora that imports ``flwr``.
 from __future__ import annotations
 
 import io
-import json
 import math
 from typing import Any
 
@@ -48,7 +47,7 @@ from ..protocol import (
     encode_reply,
     encode_task,
 )
-from ..protocol.container import _META_KEY, _is_int, _need
+from ..protocol.container import _META_KEY, _is_int, _need, _read_header
 
 HEADER_RECORD = "fedlora.header"
 TENSOR_RECORD = "fedlora.tensors"
@@ -67,7 +66,7 @@ _NUMPY_KINDS = "biufc"  # bool, signed and unsigned ints, floats, complex: what 
 
 def task_to_content(task: ClientTask) -> RecordDict:
     """``task`` as Flower message content; :func:`content_to_task` restores it bit for bit."""
-    return _to_content(_encode(encode_task, task))
+    return _to_content(encode_task(task))
 
 
 def content_to_task(content: RecordDict) -> ClientTask:
@@ -77,7 +76,7 @@ def content_to_task(content: RecordDict) -> ClientTask:
 
 def reply_to_content(reply: ClientReply) -> RecordDict:
     """``reply`` as Flower message content; :func:`content_to_reply` restores it bit for bit."""
-    return _to_content(_encode(encode_reply, reply))
+    return _to_content(encode_reply(reply))
 
 
 def content_to_reply(content: RecordDict) -> ClientReply:
@@ -102,17 +101,9 @@ def content_tensor_bytes(content: RecordDict) -> int:
 
 # ---------------------------------------------------------------- encoding
 
-def _encode(encode: Any, message: ClientTask | ClientReply) -> bytes:
-    try:
-        return encode(message)
-    except KeyError as err:  # safetensors has no such dtype (complex128); the container lets that through
-        raise MessageError(f"cannot encode the message: safetensors has no dtype {err}") from None
-
-
 def _to_content(container: bytes) -> RecordDict:
     """Split a container (our own, just encoded) into its JSON header and its tensors, as records."""
-    n = int.from_bytes(container[:8], "little")
-    header = json.loads(container[8 : 8 + n])["__metadata__"][_META_KEY]
+    header = _read_header(container)[0]["__metadata__"][_META_KEY]
     try:
         tensors = safetensors.torch.load(container)
     except (SafetensorError, KeyError) as err:  # KeyError: a dtype safetensors writes but cannot read
