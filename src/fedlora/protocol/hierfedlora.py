@@ -36,7 +36,7 @@ from ..aggregators.accounting import error_ratio
 from ..hier import Grouping, Plan
 from ..types import ClientUpdate, LowRank, ModuleState
 from .messages import ClientReply, ClientTask, reply_tensor_bytes, task_tensor_bytes
-from .strategy import RoundResult, RoundStrategy
+from .strategy import RoundResult, RoundStrategy, modules_by_trainers
 
 
 @dataclass(kw_only=True)
@@ -160,9 +160,7 @@ class HierFedLoRA(RoundStrategy):
         """Aggregate each group; on the round's last exchange, aggregate across groups too."""
         accepted, rejected = self._screen(tasks, replies, failed)
         ranks = {cid: tasks[cid].rank for cid in accepted}
-        for cid, reply in accepted.items():
-            if "rank" in reply.metrics:
-                self.ranks[cid] = int(reply.metrics["rank"])
+        self._adopt_ranks(accepted)
         inner_errors = []
         for g, members in self._members.items():
             done = [c for c in members if c in accepted]
@@ -203,12 +201,8 @@ class HierFedLoRA(RoundStrategy):
         weights: dict[str, float] = {}
         num_sq = den_sq = 0.0
         new_state = dict(self.global_state)
-        by_groups: dict[tuple[int, ...], list[str]] = {}
-        for m in self.global_state:
-            trained_by = tuple(g for g, grp in self._groups_now.items() if m in grp.trained)
-            if trained_by:
-                by_groups.setdefault(trained_by, []).append(m)
-        for groups, modules in by_groups.items():
+        trained = {g: grp.trained for g, grp in self._groups_now.items()}
+        for groups, modules in modules_by_trainers(self.global_state, trained).items():
             sub = {m: self.global_state[m] for m in modules}
             rank = next(iter(sub.values())).factors.rank
             payload = self.global_rule.payload(sub, rank, round_idx)

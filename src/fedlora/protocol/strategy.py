@@ -59,6 +59,17 @@ class RoundResult:
     info: dict = field(default_factory=dict)  # what a strategy adds (JSON-able)
 
 
+def modules_by_trainers(modules, trained) -> dict[tuple, list[str]]:
+    """``modules`` keyed by the trainers (in the order of ``trained``: trainer -> modules it trained) that
+    trained each; a module nobody trained is left out. One aggregation call serves each key."""
+    keyed: dict[tuple, list[str]] = {}
+    for m in modules:
+        by = tuple(t for t, done in trained.items() if m in done)
+        if by:
+            keyed.setdefault(by, []).append(m)
+    return keyed
+
+
 class RoundStrategy:
     """Configure and aggregate rounds of one federation (any registered aggregator).
 
@@ -175,9 +186,7 @@ class RoundStrategy:
         accepted, rejected = self._screen(tasks, replies, failed)
         round_ranks = {cid: tasks[cid].rank for cid in accepted}
         cut = self.energy_rank()  # the ranks this round trained at, before any client pruned
-        for cid, reply in accepted.items():  # a client that pruned trains its new rank from now on
-            if "rank" in reply.metrics:
-                self.ranks[cid] = int(reply.metrics["rank"])
+        self._adopt_ranks(accepted)
         bytes_down = {cid: task_tensor_bytes(t) for cid, t in tasks.items()}
         bytes_up = {cid: reply_tensor_bytes(r) for cid, r in replies.items() if r is not None}
 
@@ -188,7 +197,8 @@ class RoundStrategy:
         new_state = dict(self.global_state)
         energy = None
         if accepted:
-            for group, modules in self._groups(tasks, accepted).items():
+            trained = {c: reply.factors for c, reply in accepted.items()}  # in task order
+            for group, modules in modules_by_trainers(self.global_state, trained).items():
                 result = self._aggregate_group(round_idx, group, modules, tasks, accepted, cut)
                 for m in modules:
                     new_state[m] = result.global_state[m]
@@ -281,14 +291,11 @@ class RoundStrategy:
             label_histogram=reply.label_histogram,
         )
 
-    def _groups(self, tasks, accepted) -> dict[tuple[str, ...], list[str]]:
-        """Modules keyed by the clients (in task order) that trained them."""
-        groups: dict[tuple[str, ...], list[str]] = {}
-        for m in self.global_state:
-            trained_by = tuple(c for c in accepted if m in accepted[c].factors)
-            if trained_by:
-                groups.setdefault(trained_by, []).append(m)
-        return groups
+    def _adopt_ranks(self, accepted: dict[str, ClientReply]) -> None:
+        """A client that pruned (``metrics["rank"]``) trains its new rank from now on."""
+        for cid, reply in accepted.items():
+            if "rank" in reply.metrics:
+                self.ranks[cid] = int(reply.metrics["rank"])
 
     def _aggregate_group(self, round_idx, group, modules, tasks, accepted, energy_rank=None):
         sub = {m: self.global_state[m] for m in modules}
