@@ -1,6 +1,7 @@
-"""The ``fedlora`` command line: run, compare, export, verify, methods.
+"""The ``fedlora`` command line: run, compare, export, verify, methods, deploy (in :mod:`fedlora.cli_flower`).
 
-    fedlora run [CONFIG] [key.path=value ...] [--resume DIR]
+    fedlora run [CONFIG] [key.path=value ...] [--resume DIR] [--engine inprocess|flower]
+    fedlora deploy [CONFIG] [key.path=value ...] [--nodes N] [--resume DIR]
     fedlora compare --methods fedit,ffa,fedex,fra,hexa [CONFIG] [key.path=value ...] --out DIR
     fedlora export RUN_DIR --out DIR [--merged] [--rank R]
     fedlora verify RUN_DIR
@@ -187,8 +188,17 @@ def run(
     data_dir: Annotated[str | None, typer.Option(help="offline data folder (default $FEDLORA_DATA_DIR)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run in output_dir")] = False,
     stop_after: Annotated[int | None, typer.Option(help="stop after this round (resume later)")] = None,
+    engine: Annotated[str, typer.Option(help="inprocess, or flower (Flower's simulation runtime)")] = "inprocess",
 ) -> None:
     """Run one federated experiment (default: MiniLM on SST-2, 8 clients, Dirichlet 0.3, HEXA)."""
+    if engine not in ("inprocess", "flower"):
+        _fail(ValueError(f"--engine: expected inprocess or flower, got {engine!r}"))
+    if engine == "flower":
+        if stop_after is not None:
+            _fail(ValueError("--stop-after works with --engine inprocess; on Flower, stop with Ctrl-C and --resume"))
+        from .cli_flower import run_flower
+
+        return run_flower(args, resume, data_dir, overwrite)
     run_dir = Path(resume) if resume else None
     try:
         if resume:
@@ -365,6 +375,8 @@ def list_methods() -> None:
 
 def main() -> None:
     import warnings
+
+    from . import cli_flower  # noqa: F401  registers `deploy`
 
     import click
 

@@ -221,6 +221,13 @@ class EvalConfig(_Section):
     )
 
 
+class FlowerSection(_Section):
+    round_timeout_s: float | None = Field(
+        None, gt=0, description="Flower: seconds the server waits for an exchange's replies; None: until every "
+        "node has answered or Flower reported it lost")
+    node_wait_s: float = Field(120.0, gt=0, description="Flower: seconds the server waits for the nodes to connect")
+
+
 class RunConfig(_Section):
     seed: int = Field(0, description="seed of everything random: subsample, partition, sampling, training")
     output_dir: str = Field("runs/default", description="run folder: metrics, plots, checkpoints")
@@ -236,6 +243,8 @@ class RunConfig(_Section):
     )
     train: TrainConfig = Field(default_factory=TrainConfig, description="each client's local training")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation after each round")
+    flower: FlowerSection = Field(default_factory=FlowerSection,
+                                  description="the Flower runtime (run --engine flower, deploy)")
 
     @model_validator(mode="after")
     def _federation(self):

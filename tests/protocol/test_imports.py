@@ -143,7 +143,7 @@ LAYERS = [
     ["fedlora.sim"],
     ["fedlora.flower"],  # the only package that imports flwr
     ["fedlora.export"],
-    ["fedlora.cli"],
+    ["fedlora.cli", "fedlora.cli_flower"],
 ]
 
 

@@ -44,11 +44,14 @@ def test_serialised_messages_give_the_same_run_and_their_tensor_bytes_are_the_co
     wire = wire_sim.run()
 
     def strip(records):
-        return [{k: v for k, v in r.items() if k not in TIMING_KEYS | {"header_bytes"}} for r in records]
+        return [{k: v for k, v in r.items() if k not in TIMING_KEYS | {"header_bytes", "wire_tensor_bytes"}}
+                for r in records]
 
     assert strip(wire) == strip(plain)
     for record in wire:
         n = record["round"]
+        assert record["wire_tensor_bytes"] == sum(s["tensor_bytes"] for (r, _, _), s in sizes.items() if r == n)
+        assert record["wire_tensor_bytes"] == record["bytes_up"] + record["bytes_down"]
         for cid in record["clients"]:
             assert record["bytes_down_per_client"][cid] == sizes[(n, cid, "task")]["tensor_bytes"]
             assert record["bytes_up_per_client"][cid] == sizes[(n, cid, "reply")]["tensor_bytes"]

@@ -36,10 +36,11 @@ its task's alone.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from flwr.app import Context, Error, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
 
 from ..protocol import ClientReply, ClientTask, MessageError
@@ -65,6 +66,7 @@ _ERROR_NAMES = {v: k for k, v in vars(ErrorCode).items() if k.isupper() and isin
 # Error replies Flower itself writes when a message or its node went away: the client is "lost".
 _LOST_CODES = {ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE}
 _REASON_CHARS = 300  # a client's error text is cut to this many characters
+NODE_RECORD = "fedlora.node"  # a node query's record: the run's config out, partition and version back
 
 
 class FlowerRuntime(Runtime):
@@ -91,6 +93,63 @@ class FlowerRuntime(Runtime):
         self.nodes = dict(nodes)
         self.timeout = timeout
         self.ttl = ttl
+        self._client_ids: list[str] = []
+        self._config_json = ""
+        self._versions: dict[str, int] = {}  # reported by nodes, not yet handed to the strategy
+        self._stale: set[str] = set()  # clients whose last task failed: their version is unknown
+
+    # ------------------------------------------------------------ nodes
+    def connect(self, client_ids: list[str], config_json: str, *, wait_s: float, poll_s: float = 0.5) -> list[str]:
+        """Wait up to ``wait_s`` for one node per client, ask every node which partition it holds and at
+        which frozen version, and map client ``client_ids[p]`` to the node of partition ``p``.
+
+        The query carries the run's config (``config_json``): nodes build their data and model from it.
+        Returns the clients left without a node (their tasks fail until one connects).
+        """
+        self._client_ids, self._config_json = list(client_ids), config_json
+        deadline = time.monotonic() + wait_s
+        while len(set(self.grid.get_node_ids())) < len(client_ids) and time.monotonic() < deadline:
+            time.sleep(poll_s)
+        self._versions.update(self._query(set(self.grid.get_node_ids())))
+        return [c for c in client_ids if c not in self.nodes]
+
+    def client_versions(self, client_ids: list[str]) -> dict[str, int]:
+        """Versions nodes reported since the last call, plus those of ``client_ids`` whose last task failed
+        or who have no node yet (their nodes, and any node not seen before, are asked again)."""
+        unsure = [c for c in client_ids if c in self._stale or c not in self.nodes]
+        if unsure and self._client_ids:
+            ask = set(self.grid.get_node_ids()) - set(self.nodes.values())
+            ask |= {self.nodes[c] for c in unsure if c in self.nodes}
+            self._versions.update(self._query(ask))
+        versions, self._versions = self._versions, {}
+        self._stale -= set(versions)
+        return versions
+
+    def _query(self, node_ids: set[int]) -> dict[str, int]:
+        """Ask ``node_ids`` for their partition and version; map the clients of those that answer."""
+        if not node_ids:
+            return {}
+        content = RecordDict({NODE_RECORD: ConfigRecord({"config": self._config_json})})
+        msgs = [Message(content, n, MessageType.QUERY, ttl=self.ttl) for n in sorted(node_ids)]
+        versions: dict[str, int] = {}
+        for msg in self.grid.send_and_receive(msgs, timeout=self.timeout):
+            node = msg.metadata.src_node_id
+            try:
+                if msg.has_error():
+                    raise ValueError(_one_line(msg.error.reason))
+                record = msg.content[NODE_RECORD]
+                partition, version = int(record["partition"]), int(record["version"])
+                if not 0 <= partition < len(self._client_ids):
+                    raise ValueError(f"partition {partition} is outside 0..{len(self._client_ids) - 1}")
+            except Exception as err:  # noqa: BLE001 - an untrusted node's answer: log it, skip the node
+                log.warning("node %s did not say which client it holds: %s", node, _one_line(err))
+                continue
+            cid = self._client_ids[partition]
+            if self.nodes.get(cid, node) != node:
+                log.warning("client %r moved from node %s to node %s", cid, self.nodes[cid], node)
+            self.nodes[cid] = node
+            versions[cid] = version
+        return versions
 
     def exchange(self, tasks: dict[str, ClientTask],
                  on_reply: Callable[[str], None] | None = None) -> Exchange:
@@ -100,6 +159,7 @@ class FlowerRuntime(Runtime):
         """
         failed: dict[str, str] = {}
         header_bytes: dict[str, int] = {}
+        wire: dict[str, int] = {}
         sent: dict[str, Message] = {}
         for cid, task in tasks.items():
             if task.client_id != cid:
@@ -110,6 +170,7 @@ class FlowerRuntime(Runtime):
                 continue
             content = task_to_content(task)
             header_bytes[cid] = content_header_bytes(content)
+            wire[cid] = content_tensor_bytes(content)
             sent[cid] = Message(content, node, MessageType.TRAIN, ttl=self.ttl, group_id=str(task.round))
 
         received = list(self.grid.send_and_receive(list(sent.values()), timeout=self.timeout)) if sent else []
@@ -137,9 +198,11 @@ class FlowerRuntime(Runtime):
             reply, content = result
             replies[cid] = reply
             header_bytes[cid] += content_header_bytes(content)
+            wire[cid] += content_tensor_bytes(content)
             if on_reply is not None:
                 on_reply(cid)
-        return Exchange(replies, failed=failed, header_bytes=header_bytes)
+        self._stale |= set(failed)
+        return Exchange(replies, failed=failed, header_bytes=header_bytes, wire_tensor_bytes=wire)
 
     def _reply(self, task: ClientTask, msgs: list[Message]) -> tuple[ClientReply, RecordDict] | str:
         """The decoded reply and its content, or why there is none (the part after the node's name)."""

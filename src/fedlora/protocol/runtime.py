@@ -20,12 +20,15 @@ class Exchange:
     """Replies by client id; ``failed`` names the clients that failed or timed out, with the reason.
 
     ``header_bytes`` holds, for runtimes that serialise, each client's bytes of message headers and JSON
-    (task plus reply) beyond the tensor payloads the strategy counts.
+    (task plus reply) beyond the tensor payloads the strategy counts; ``wire_tensor_bytes`` the tensor
+    payload bytes of the messages themselves (task plus reply, as sent), which should equal the strategy's
+    count.
     """
 
     replies: dict[str, ClientReply]
     failed: dict[str, str] = field(default_factory=dict)
     header_bytes: dict[str, int] = field(default_factory=dict)
+    wire_tensor_bytes: dict[str, int] = field(default_factory=dict)
 
 
 class Runtime(ABC):
@@ -35,3 +38,12 @@ class Runtime(ABC):
     def exchange(self, tasks: dict[str, ClientTask],
                  on_reply: Callable[[str], None] | None = None) -> Exchange:
         """Run every task; call ``on_reply(client_id)`` as each client finishes."""
+
+    def client_versions(self, client_ids: list[str]) -> dict[str, int]:
+        """The frozen-weight version some of ``client_ids`` hold, where the runtime knows better than the
+        strategy's record of what it sent (a remote node restarted, or never got its last task).
+
+        Called before a round's tasks are built; the strategy then sends those clients the corrections since
+        the reported version. Runtimes whose clients share the server's weights report nothing.
+        """
+        return {}

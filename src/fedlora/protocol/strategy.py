@@ -236,6 +236,13 @@ class RoundStrategy:
         """What a checkpoint keeps of the strategy beyond the global adapter (JSON-able)."""
         return {"synced": dict(self.synced), "ranks": dict(self.ranks)}
 
+    def resync(self, versions: dict[str, int]) -> None:
+        """Clients hold the frozen weights of these round versions (as their runtime reported): their next
+        task carries the corrections since then; a version this server never reached counts as the base
+        model (0), which the client then restores."""
+        for cid, version in versions.items():
+            self.synced[cid] = version if 0 <= version <= self.history.latest else 0
+
     def load_state(self, state: dict) -> None:
         self.synced = {cid: int(v) for cid, v in state.get("synced", {}).items()}
         self.ranks.update({cid: int(r) for cid, r in state.get("ranks", {}).items()})

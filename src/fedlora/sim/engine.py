@@ -24,6 +24,7 @@ from ..aggregators import AGGREGATORS, Aggregator, get_aggregator, method_option
 from ..config import RunConfig, TrainConfig
 from ..protocol import CorrectionHistory, TrainSettings
 from ..protocol.hierfedlora import HierFedLoRA
+from ..protocol.runtime import Runtime
 from ..protocol.strategy import RoundResult, RoundStrategy
 from ..runlog import HIER_FILE, MetricsWriter, append_jsonl, keep_jsonl_through
 from ..types import LowRank, ModuleState
@@ -40,10 +41,11 @@ class Simulation:
 
     ``Simulation(cfg).run()`` trains all rounds; ``Simulation.resume(run_dir).run()`` continues the newest
     intact checkpoint of ``run_dir``. ``runtime`` is the runtime class (``InProcessRuntime`` or the
-    serialising stand-in ``SerializingRuntime``); it gets the host model and each client's data.
+    serialising stand-in ``SerializingRuntime``), or any callable ``runtime(host, clients) -> Runtime``: it
+    gets the host model and each client's data (a remote runtime such as Flower's ignores both).
     """
 
-    def __init__(self, cfg: RunConfig, *, runtime: type[InProcessRuntime] = InProcessRuntime):
+    def __init__(self, cfg: RunConfig, *, runtime: Callable[..., Runtime] = InProcessRuntime):
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir)
         self.method = cfg.federation.method
@@ -198,9 +200,10 @@ class Simulation:
         """One global round: the strategy's exchanges (one, or HierFedLoRA's group rounds), then fold, evaluate."""
         t0 = time.perf_counter()
         clients = self.sample_clients(round_idx)
-        times, header_bytes, stragglers, rejected = [], {}, [], {}
+        times, header_bytes, wire, stragglers, rejected = [], {}, {}, [], {}
         bytes_up: dict[str, int] = {}
         bytes_down: dict[str, int] = {}
+        self.strategy.resync(self.runtime.client_versions(clients))
         for step in range(self.strategy.exchanges_per_round):
             tasks = self.strategy.configure_train(round_idx, clients, step=step)
             exchange = self.runtime.exchange(tasks, on_reply=on_client)
@@ -214,7 +217,7 @@ class Simulation:
             rejected.update(result.rejected)  # a client rejected in any exchange of the round
             times.append(exchange_times)
             for total, part in ((bytes_up, result.bytes_up), (bytes_down, result.bytes_down),
-                                (header_bytes, exchange.header_bytes)):
+                                (header_bytes, exchange.header_bytes), (wire, exchange.wire_tensor_bytes)):
                 for cid, n in part.items():
                     total[cid] = total.get(cid, 0) + n
         result.bytes_up, result.bytes_down, result.rejected = bytes_up, bytes_down, rejected
@@ -229,6 +232,8 @@ class Simulation:
         self._round_corrections = result.corrections  # written by the round's checkpoint
         self.host.install_global(result.global_state, result.head)
         record = _record(self.method, result, header_bytes)
+        if wire:
+            record["wire_tensor_bytes"] = sum(wire.values())
         lanes = {cid: self.strategy.lane_of(cid) for cid in clients}
         record["sim_round_s"] = self.clock.round_time(times, lanes)
         record["stragglers"] = stragglers

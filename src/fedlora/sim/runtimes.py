@@ -45,14 +45,16 @@ class SerializingRuntime(InProcessRuntime):
     """In-process training, but each task and reply crosses as bytes (a stand-in for a remote runtime)."""
 
     def exchange(self, tasks: dict[str, ClientTask], on_reply: Callable[[str], None] | None = None) -> Exchange:
-        replies, headers = {}, {}
+        replies, headers, wire = {}, {}, {}
         for cid, task in tasks.items():
             task_bytes = encode_task(task)
             received = decode_task(task_bytes)
             self._check_version(received)
             reply_bytes = encode_reply(train_client(self.host, received, self.clients[cid]))
             replies[cid] = decode_reply(reply_bytes)
-            headers[cid] = message_sizes(task_bytes)["header_bytes"] + message_sizes(reply_bytes)["header_bytes"]
+            sizes = [message_sizes(task_bytes), message_sizes(reply_bytes)]
+            headers[cid] = sum(s["header_bytes"] for s in sizes)
+            wire[cid] = sum(s["tensor_bytes"] for s in sizes)
             if on_reply is not None:
                 on_reply(cid)
-        return Exchange(replies, header_bytes=headers)
+        return Exchange(replies, header_bytes=headers, wire_tensor_bytes=wire)
