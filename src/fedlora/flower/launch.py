@@ -57,6 +57,9 @@ rounds = 0
 """
 
 
+_SERVER_PROCESSES = ("flwr-simulation", "flwr-serverapp")  # what runs fedlora's ServerApp
+
+
 class FlowerRunError(RuntimeError):
     """The Flower run did not complete (one line; the run folder keeps every complete round)."""
 
@@ -86,8 +89,8 @@ def simulate(run_dir: Path, *, num_nodes: int, resume: bool = False, rounds: int
         address = dp.start_superlink(procs, folder, dp.free_port(), simulation=True)
         home = dp.write_flower_home(folder / "home", CONNECTION, address)
         _write_pids(folder, procs)
-        _submit_and_wait(run_dir, home.parent if home.is_file() else home, procs, resume, rounds, on_record,
-                         timeout, federation_config={"num-supernodes": num_nodes})
+        _submit_and_wait(run_dir, home, procs, resume, rounds, on_record, timeout,
+                         federation_config={"num-supernodes": num_nodes})
 
 
 def deploy(run_dir: Path, *, num_nodes: int, data_dir: str | None = None, resume: bool = False,
@@ -106,7 +109,6 @@ def deploy(run_dir: Path, *, num_nodes: int, data_dir: str | None = None, resume
         address = dp.start_superlink(procs, folder, dp.free_port(), certificates=certs, supernode_auth=True,
                                      database=folder / "superlink.db")
         home = dp.write_flower_home(folder / "home", CONNECTION, address, root_certificates=certs.ca_cert)
-        home = home.parent if home.is_file() else home
         for i in range(num_nodes):
             keys = dp.make_node_keys(folder / "keys", f"node{i}")
             dp.register_node(home, CONNECTION, keys.public_key)
@@ -145,6 +147,7 @@ def _submit_and_wait(run_dir: Path, home: Path, procs: dp.Processes, resume: boo
     status_file, metrics = run_dir / STATUS_FILE, run_dir / METRICS_FILE
     seen = _line_count(metrics)
     deadline = None if timeout is None else time.monotonic() + timeout
+    server_seen = server_gone_at = None
     last_check = time.monotonic()
     while True:
         seen = _emit_new(metrics, seen, on_record)
@@ -152,22 +155,40 @@ def _submit_and_wait(run_dir: Path, home: Path, procs: dp.Processes, resume: boo
             status = json.loads(status_file.read_text())
             _emit_new(metrics, seen, on_record)
             if status.get("status") == "completed":
+                _save_flower_view(home, run_id, run_dir / "flower" / "run.json")
                 return
             raise FlowerRunError(f"the Flower server failed: {status.get('error')}")
-        dead = [name for name in procs.pids if name == "superlink" and not procs.alive(name)]
-        if dead:
+        if not procs.alive("superlink"):
             raise FlowerRunError(f"the SuperLink stopped before the run completed (log: {run_dir}/flower/superlink.log)")
-        if time.monotonic() - last_check > 5:
+        # The ServerApp's process (Flower's simulation, or flwr-serverapp): gone without an outcome = died.
+        running = any(procs.descendants_running(m) for m in _SERVER_PROCESSES)
+        server_seen = server_seen or running
+        if server_seen and not running:
+            server_gone_at = server_gone_at or time.monotonic()
+            if time.monotonic() - server_gone_at > 3.0:  # the status file lands just before it exits
+                raise FlowerRunError(f"the Flower server process ended before the run completed; see {run_dir}/run.log")
+        if not running and time.monotonic() - last_check > 10:  # e.g. a ServerApp that never started
             last_check = time.monotonic()
             state = dp.run_status(home, CONNECTION, run_id)
             if state.startswith("finished") and not status_file.exists():
-                time.sleep(1.0)  # the status file is written just before the ServerApp returns
-                if not status_file.exists():
-                    raise FlowerRunError(f"the Flower run ended ({state}) before the server wrote its outcome "
-                                         f"(server process killed?); see {run_dir}/run.log")
+                raise FlowerRunError(f"the Flower run ended ({state}) without the server's outcome; see "
+                                     f"{run_dir}/flower/superlink.log")
         if deadline is not None and time.monotonic() > deadline:
             raise FlowerRunError(f"the Flower run did not complete within {timeout:g} s")
         time.sleep(0.25)
+
+
+def _save_flower_view(home: Path, run_id: int, path: Path) -> None:
+    """Flower's own record of the run (status, times, network traffic), when it can be had."""
+    for _ in range(20):  # the run turns "finished" just after the ServerApp returns
+        try:
+            runs = dp._flwr(home, "ls", CONNECTION, "--run-id", str(run_id)).get("runs", [])
+        except dp.DeployError:
+            return
+        if runs and str(runs[0].get("status", "")).startswith("finished"):
+            path.write_text(json.dumps(runs[0], indent=1))
+            return
+        time.sleep(0.5)
 
 
 def _line_count(path: Path) -> int:

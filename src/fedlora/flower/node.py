@@ -115,7 +115,8 @@ def node_for(config_json: str, partition: int, data_dir: str | None = None) -> C
             cfg = config_from_dict(raw)
             shared = _SHARED.get(key)
             if shared is None:
-                shared = _SHARED[key] = _Shared(cfg, Path(tempfile.mkdtemp(prefix="fedlora-node-")))
+                with tempfile.TemporaryDirectory(prefix="fedlora-node-") as scratch:  # partition plots: unused
+                    shared = _SHARED[key] = _Shared(cfg, Path(scratch))
             node = _NODES[(key, partition)] = ClientNode(cfg, partition, shared)
         return node
 
