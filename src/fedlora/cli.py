@@ -376,7 +376,9 @@ def list_methods() -> None:
 def main() -> None:
     import warnings
 
-    from . import cli_flower  # noqa: F401  registers `deploy`
+    from .cli_flower import register_commands
+
+    register_commands(app)
 
     import click
 

@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from .cli import (
-    USER_ERRORS, _claim, _fail, _interrupted, _load, _ProgressBars, _resume_rounds, _setup_logging, _stdout, app,
+    USER_ERRORS, _claim, _fail, _interrupted, _load, _ProgressBars, _resume_rounds, _setup_logging, _stdout,
     console,
 )
 
@@ -96,7 +96,11 @@ def run_flower(args, resume: str | None, data_dir: str | None, overwrite: bool) 
     _launch("simulation", args, resume, data_dir, overwrite)
 
 
-@app.command()
+def register_commands(app: typer.Typer) -> None:
+    """Add ``deploy`` to the ``fedlora`` app (the one running, also under ``python -m fedlora.cli``)."""
+    app.command()(deploy)
+
+
 def deploy(
     args: Annotated[list[str] | None, typer.Argument(help="[CONFIG.yaml] [key.path=value ...]")] = None,
     nodes: Annotated[int | None, typer.Option(help="SuperNodes to start (default: partition.num_clients)")] = None,

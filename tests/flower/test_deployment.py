@@ -24,8 +24,8 @@ from test_flower_engine import _assert_processes_gone, _assert_same_records, _en
 psutil = pytest.importorskip("psutil")
 pytestmark = [pytest.mark.deploy]
 
-CLIENTS, PER_ROUND, ROUNDS = 4, 3, 4
-EXTRA = ["train.local_steps=40", "flower.round_timeout_s=45", "flower.node_wait_s=60"]
+CLIENTS, PER_ROUND, ROUNDS = 4, 3, 3
+EXTRA = ["train.local_steps=40", "flower.round_timeout_s=60", "flower.node_wait_s=60"]
 
 
 def _overrides(assets, out: Path, method: str = "hexa") -> list[str]:

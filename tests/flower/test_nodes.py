@@ -16,7 +16,7 @@ from flwr.app import Context, RecordDict  # noqa: E402
 
 from engine_fixtures import tiny_overrides  # noqa: E402
 from fedlora.flower.apps import answer_query  # noqa: E402
-from fedlora.flower.node import ClientNode, NodeStateError, node_for, node_version  # noqa: E402
+from fedlora.flower.node import _NODES, ClientNode, NodeStateError, config_key, node_for  # noqa: E402
 from fedlora.flower.runtime import FlowerRuntime  # noqa: E402
 from fedlora.types import LowRank  # noqa: E402
 from test_runtime import RUN_ID, FakeGrid, fake_train, make_task, serverapp_process  # noqa: E402, F401
@@ -82,7 +82,7 @@ def node(assets, tmp_path_factory):
     model, tsv = assets
     cfg = load_config(None, tiny_overrides(model, tsv, tmp_path_factory.mktemp("node"), "fedex", 2))
     config_json = json.dumps(cfg.to_dict(), sort_keys=True)
-    assert node_version(config_json, 1) == 0  # no node yet
+    assert (config_key(config_json), 1) not in _NODES  # built on first use
     built = node_for(config_json, 1)
     assert node_for(config_json, 1) is built and built.client_id == "1"
     return built
@@ -129,3 +129,28 @@ def test_a_node_refuses_a_partition_outside_the_run(node):
     shared = next(iter(_SHARED.values()))
     with pytest.raises(ValueError, match="partition-id=9 is outside the run's 4 partitions"):
         ClientNode(types.SimpleNamespace(lora=None, model=None), 9, shared)
+
+
+def test_the_frozen_state_survives_a_fresh_process_through_its_bytes(node: ClientNode):
+    """What a deployed SuperNode does between messages: save to context.state, rebuild in a new process."""
+    layers = node.host.layers
+    names = list(layers)[:2]
+    gen = torch.Generator().manual_seed(1)
+    terms = {m: LowRank(torch.randn(layers[m].get_base_layer().weight.shape[0], 2, generator=gen),
+                        torch.randn(2, layers[m].get_base_layer().weight.shape[1], generator=gen)) for m in names}
+    node.catch_up(_catch_up(0, 0, {}))
+    node.catch_up(_catch_up(0, 3, terms))
+    more = {names[0]: LowRank(torch.randn(terms[names[0]].left.shape[0], 1, generator=gen),
+                              torch.randn(1, terms[names[0]].right.shape[1], generator=gen))}
+    node.catch_up(_catch_up(3, 5, more))
+    want = {m: layers[m].get_base_layer().weight.detach().clone() for m in names}
+    saved, version = node.save_frozen(), node.version
+
+    node.catch_up(_catch_up(0, 0, {}))  # as a new process starts: base weights, version 0
+    node.restore_frozen(saved, version)
+    assert node.version == 5
+    for m in names:
+        assert torch.allclose(layers[m].get_base_layer().weight, want[m], atol=1e-6)
+    assert node.frozen[names[0]].rank == 3 and node.frozen[names[1]].rank == 2  # both catch-ups, exactly
+    node.restore_frozen(b"", 0)
+    assert node.version == 0 and node.frozen == {}

@@ -28,7 +28,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
-from .node import node_for, node_version
+from .node import node_for
 from .runtime import NODE_RECORD, FlowerRuntime, _one_line, train_handler
 
 log = logging.getLogger("fedlora")
@@ -108,7 +108,11 @@ def _client_query(msg: Message, context: Context) -> Message:
 
 @client_app.train()
 def _client_train(msg: Message, context: Context) -> Message:
-    return train_handler(lambda task: _node(context).train(task))(msg, context)
+    node = _node(context)
+    reply = train_handler(node.train)(msg, context)
+    state = context.state[NODE_RECORD]
+    state["version"], state["frozen"] = node.version, node.save_frozen()
+    return reply
 
 
 def answer_query(msg: Message, context: Context) -> Message:
@@ -119,8 +123,10 @@ def answer_query(msg: Message, context: Context) -> Message:
     except (KeyError, TypeError, ValueError) as err:
         reason = f"fedlora: cannot answer the node query: {_one_line(err)}"
         return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
-    context.state[NODE_RECORD] = ConfigRecord({"config": config_json})
-    version = node_version(config_json, partition)
+    known = context.state[NODE_RECORD] if NODE_RECORD in context.state else None
+    if known is None or known["config"] != config_json:  # a new run: the node starts from the base model
+        context.state[NODE_RECORD] = ConfigRecord({"config": config_json, "version": 0, "frozen": b""})
+    version = int(context.state[NODE_RECORD]["version"])
     return Message(RecordDict({NODE_RECORD: ConfigRecord({"partition": partition, "version": version})}),
                    reply_to=msg)
 
@@ -135,6 +141,11 @@ def _partition(context: Context) -> int:
 def _node(context: Context):
     if NODE_RECORD not in context.state:
         raise RuntimeError("this node got a task before the server's query (it holds no run config)")
-    config_json = str(context.state[NODE_RECORD]["config"])
+    state = context.state[NODE_RECORD]
+    config_json = str(state["config"])
     data_dir = context.node_config.get("data-dir")
-    return node_for(config_json, _partition(context), str(data_dir) if data_dir else None)
+    node = node_for(config_json, _partition(context), str(data_dir) if data_dir else None)
+    version = int(state["version"])
+    if node.version != version:  # a fresh process (or one that lost a step): rebuild from the node's state
+        node.restore_frozen(bytes(state["frozen"]), version)
+    return node

@@ -8,7 +8,9 @@ from can only be helped by a catch-up from the base model: the server sends one 
 version (:meth:`~fedlora.protocol.runtime.Runtime.client_versions`), and the node restores its base weights.
 
 Nodes in one process (Flower's simulation runs many in one worker) share the dataset and a pristine model,
-loaded once per config; each node owns a deep copy of the model.
+loaded once per config; each node owns a deep copy of the model. A deployed SuperNode runs every message in
+a fresh process: the node's frozen terms and version then persist in Flower's ``context.state``
+(:meth:`ClientNode.save_frozen` / :meth:`ClientNode.restore_frozen`), and the process rebuilds from them.
 """
 
 from __future__ import annotations
@@ -20,14 +22,17 @@ import tempfile
 import threading
 from pathlib import Path
 
+import safetensors.torch
 import torch
 
 from .. import adapters
 from ..config import RunConfig, config_from_dict
 from ..protocol import ClientReply, ClientTask
+from ..protocol.history import exact_sum
 from ..sim.client import ClientData, train_client
 from ..sim.data import FederatedData, build_federated_data
 from ..sim.host import ModelHost
+from ..types import LowRank
 
 
 class NodeStateError(RuntimeError):
@@ -67,6 +72,7 @@ class ClientNode:
         self.host = ModelHost(copy.deepcopy(shared.model), cfg.lora, cfg.model.task_type, [])
         # Only the LoRA-targeted weights ever change (folded corrections): keep their base values.
         self._base = {m: w.detach().clone() for m, w in adapters.base_weights(self.host.layers, self.host.layers).items()}
+        self.frozen: dict[str, LowRank] = {}  # everything folded since the base, as one product per module
 
     @property
     def version(self) -> int:
@@ -91,12 +97,34 @@ class ClientNode:
             self._restore_base()
         self.host.fold(task.catch_up)
         self.host.version = task.catch_up_to
+        for m, term in task.catch_up.items():
+            self.frozen[m] = exact_sum([self.frozen[m], term]) if m in self.frozen else term
+
+    # Flower may run each message in a fresh process (a deployed SuperNode does): the node's frozen state
+    # then lives in the node's context.state between messages, as these bytes (safetensors).
+    def save_frozen(self) -> bytes:
+        tensors = {}
+        for m, term in self.frozen.items():
+            tensors[f"left.{m}"], tensors[f"right.{m}"] = term.left.contiguous(), term.right.contiguous()
+        return safetensors.torch.save(tensors)
+
+    def restore_frozen(self, data: bytes, version: int) -> None:
+        """Base weights plus the folded terms ``data`` (from :meth:`save_frozen`), at round ``version``."""
+        tensors = safetensors.torch.load(data) if data else {}
+        frozen = {m.removeprefix("left."): LowRank(t, tensors["right." + m.removeprefix("left.")])
+                  for m, t in tensors.items() if m.startswith("left.")}
+        unknown = sorted(set(frozen) - set(self.host.layers))
+        if unknown:
+            raise NodeStateError(f"the node's saved state names a module this model lacks: {unknown[0]!r}")
+        self._restore_base()
+        self.host.fold(frozen)
+        self.host.version, self.frozen = version, frozen
 
     def _restore_base(self) -> None:
         with torch.no_grad():
             for m, w in adapters.base_weights(self.host.layers, self._base).items():
                 w.copy_(self._base[m])
-        self.host.version = 0
+        self.host.version, self.frozen = 0, {}
 
 
 def node_for(config_json: str, partition: int, data_dir: str | None = None) -> ClientNode:
@@ -119,9 +147,3 @@ def node_for(config_json: str, partition: int, data_dir: str | None = None) -> C
                     shared = _SHARED[key] = _Shared(cfg, Path(scratch))
             node = _NODES[(key, partition)] = ClientNode(cfg, partition, shared)
         return node
-
-
-def node_version(config_json: str, partition: int) -> int:
-    """The frozen version this process's node of ``partition`` holds; 0 if it has none yet."""
-    node = _NODES.get((config_key(config_json), partition))
-    return node.version if node is not None else 0

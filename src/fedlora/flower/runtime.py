@@ -132,8 +132,10 @@ class FlowerRuntime(Runtime):
         content = RecordDict({NODE_RECORD: ConfigRecord({"config": self._config_json})})
         msgs = [Message(content, n, MessageType.QUERY, ttl=self.ttl) for n in sorted(node_ids)]
         versions: dict[str, int] = {}
-        for msg in self.grid.send_and_receive(msgs, timeout=self.timeout):
-            node = msg.metadata.src_node_id
+        replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
+        asked = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs if m.metadata.message_id}
+        for msg in replies:  # Flower's own error replies come from the SuperLink: name the node we asked
+            node = asked.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             try:
                 if msg.has_error():
                     raise ValueError(_one_line(msg.error.reason))

@@ -98,7 +98,7 @@ class CorrectionHistory:
         out: Corrections = {}
         for module, parts in terms.items():
             try:
-                out[module] = _exact_sum(parts)
+                out[module] = exact_sum(parts)
             except ValueError as err:
                 raise ValueError(f"module {module!r}: {err}") from None
         return out
@@ -107,7 +107,7 @@ class CorrectionHistory:
         return self._latest
 
 
-def _exact_sum(parts: Sequence[LowRank]) -> LowRank:
+def exact_sum(parts: Sequence[LowRank]) -> LowRank:
     """``sum_i parts[i]`` as one product, re-compressed only where :func:`lowrank.compact` would.
 
     ``compact`` cuts singular values below ``8 eps max(m, n)`` of the largest: in float32 and at
