@@ -260,8 +260,11 @@ def _tail(path: Path, lines: int = 1) -> str:
 
 def start_superlink(procs: Processes, folder: Path, port: int, *, simulation: bool = False,
                     certificates: Certificates | None = None, supernode_auth: bool = False,
-                    database: Path | None = None, wait_s: float = 60.0) -> str:
-    """Start a SuperLink on ``127.0.0.1:port`` and wait for its ``/health``; returns its address."""
+                    database: Path | None = None, home: Path | None = None, wait_s: float = 60.0) -> str:
+    """Start a SuperLink on ``127.0.0.1:port`` and wait for its ``/health``; returns its address.
+
+    ``home``: its ``FLWR_HOME`` (where it installs submitted apps); keep it out of the user's ``~/.flwr``.
+    """
     argv = [str(_BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(port),
             "--disable-runtime-dependency-installation"]
     if certificates is None:
@@ -276,7 +279,7 @@ def start_superlink(procs: Processes, folder: Path, port: int, *, simulation: bo
     if database is not None:
         argv += ["--database", str(database)]
     log_path = Path(folder) / "superlink.log"
-    proc = procs.start("superlink", argv, log_path, flower_env())
+    proc = procs.start("superlink", argv, log_path, flower_env(home))
     scheme = "http" if certificates is None else "https"
     context = None
     if certificates is not None:
@@ -309,14 +312,14 @@ def _node_config(values: dict) -> str:
 
 def start_supernode(procs: Processes, folder: Path, name: str, superlink: str, *, node_config: dict,
                     certificates: Certificates | None = None, keys: NodeKeys | None = None,
-                    port: int | None = None) -> subprocess.Popen:
+                    port: int | None = None, home: Path | None = None) -> subprocess.Popen:
     """Start a SuperNode ``name`` dialling ``superlink``; its ClientAppIo API on ``127.0.0.1:port``."""
     argv = [str(_BIN / "flower-supernode"), "--superlink", superlink, "--node-config", _node_config(node_config),
             "--host", "127.0.0.1", "--port", str(port or free_port())]
     argv += ["--insecure"] if certificates is None else ["--root-certificates", str(certificates.ca_cert)]
     if keys is not None:
         argv += ["--auth-supernode-private-key", str(keys.private_key)]
-    return procs.start(name, argv, Path(folder) / f"{name}.log", flower_env())
+    return procs.start(name, argv, Path(folder) / f"{name}.log", flower_env(home))
 
 
 def _flwr(home: Path, *args: str, timeout: float = 120.0) -> dict:

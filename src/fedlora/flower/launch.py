@@ -86,7 +86,7 @@ def simulate(run_dir: Path, *, num_nodes: int, resume: bool = False, rounds: int
     """
     folder = _prepare(run_dir)
     with dp.Processes() as procs:
-        address = dp.start_superlink(procs, folder, dp.free_port(), simulation=True)
+        address = dp.start_superlink(procs, folder, dp.free_port(), simulation=True, home=folder / "home")
         home = dp.write_flower_home(folder / "home", CONNECTION, address)
         _write_pids(folder, procs)
         _submit_and_wait(run_dir, home, procs, resume, rounds, on_record, timeout,
@@ -107,7 +107,7 @@ def deploy(run_dir: Path, *, num_nodes: int, data_dir: str | None = None, resume
     certs = dp.make_certificates(folder / "certs")
     with dp.Processes() as procs:
         address = dp.start_superlink(procs, folder, dp.free_port(), certificates=certs, supernode_auth=True,
-                                     database=folder / "superlink.db")
+                                     database=folder / "superlink.db", home=folder / "home")
         home = dp.write_flower_home(folder / "home", CONNECTION, address, root_certificates=certs.ca_cert)
         for i in range(num_nodes):
             keys = dp.make_node_keys(folder / "keys", f"node{i}")
@@ -116,7 +116,7 @@ def deploy(run_dir: Path, *, num_nodes: int, data_dir: str | None = None, resume
             if data_dir:
                 node_config["data-dir"] = str(Path(data_dir).resolve())
             dp.start_supernode(procs, folder, f"node{i}", address, node_config=node_config, certificates=certs,
-                               keys=keys, port=dp.free_port())
+                               keys=keys, port=dp.free_port(), home=folder / f"node{i}-home")
         pids = _write_pids(folder, procs)
         if on_started is not None:
             on_started(pids)
