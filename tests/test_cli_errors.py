@@ -104,6 +104,11 @@ def _bad_run(w: World, tmp: Path, *extra: str) -> Prepared:
     return Prepared(["run", *w.tiny(out), *extra], absent=[out])
 
 
+def _bad_deploy(w: World, tmp: Path, *extra: str) -> Prepared:
+    out = tmp / "out"
+    return Prepared(["deploy", *w.tiny(out), *extra], absent=[out])
+
+
 def _bad_run_may_create(w: World, tmp: Path, *extra: str) -> Prepared:
     return Prepared(["run", *w.tiny(tmp / "out"), *extra])
 
@@ -231,6 +236,16 @@ CASES = {
                                 (lit("nonexistent.yaml"),)),
     "long-path-one-line": Case(lambda w, t: _bad_run_may_create(w, t, f"data.task={LONG_PATH}"),
                                (lit(LONG_PATH),)),
+    # Flower: each is refused before any Flower process starts
+    "engine-unknown": Case(lambda w, t: _bad_run(w, t, "--engine", "ray"), (lit("--engine"), lit("ray"))),
+    "flower-stop-after": Case(lambda w, t: _bad_run(w, t, "--engine", "flower", "--stop-after", "1"),
+                              (lit("--stop-after"),)),
+    "flower-key-typo": Case(lambda w, t: _bad_run(w, t, "--engine", "flower", "flower.round_timeout=3"),
+                            (lit("flower.round_timeout"),)),
+    "deploy-bad-method": Case(lambda w, t: _bad_deploy(w, t, "federation.method=nope"), (lit("nope"),)),
+    "deploy-zero-nodes": Case(lambda w, t: _bad_deploy(w, t, "--nodes", "0"), (lit("--nodes"),)),
+    "deploy-resume-missing": Case(lambda w, t: Prepared(["deploy", "--resume", str(t / "gone")], absent=[t / "gone"]),
+                                  (lit("gone"),)),
 }
 
 

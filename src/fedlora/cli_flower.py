@@ -10,13 +10,14 @@ process they started, also on an error or Ctrl-C. Errors end with one line and e
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from .cli import (
-    USER_ERRORS, _claim, _fail, _interrupted, _load, _ProgressBars, _resume_rounds, _setup_logging, _stdout,
+    USER_ERRORS, _claim, _error_line, _fail, _load, _ProgressBars, _resume_rounds, _setup_logging, _stdout,
     console,
 )
 
@@ -80,15 +81,27 @@ def _launch(kind: str, args, resume, data_dir, overwrite, **options) -> None:
                                 on_record=on_record)
             else:
                 nodes = options.get("nodes") or cfg.partition.num_clients
-                launch.deploy(run_dir, num_nodes=nodes, data_dir=cfg.data.data_dir, resume=bool(resume),
-                              rounds=rounds, on_record=on_record)
+                if nodes > cfg.partition.num_clients:
+                    raise ValueError(f"--nodes {nodes} exceeds partition.num_clients={cfg.partition.num_clients} "
+                                     "(one node per client)")
+                data_dir = cfg.data.data_dir or os.environ.get("FEDLORA_DATA_DIR")
+                launch.deploy(run_dir, num_nodes=nodes, data_dir=data_dir, resume=bool(resume), rounds=rounds,
+                              on_record=on_record)
     except (*USER_ERRORS, RuntimeError) as err:
+        text = (str(err).strip().splitlines() or [type(err).__name__])[0]
         if run_dir is not None and any(run_dir.glob("checkpoints/round_*")):
-            err = type(err)(f"{str(err).strip().splitlines()[0]} (continue with --resume {run_dir})")
-        _fail(err)
+            text += f" (continue with `{_again(kind, run_dir)}`)"
+        _fail(ValueError(text))
     except KeyboardInterrupt:
-        _interrupted(run_dir)
+        _error_line(f"interrupted; every Flower process is stopped and the last complete round is kept: "
+                    f"continue with `{_again(kind, run_dir)}`")
+        raise typer.Exit(130) from None
     _finish(cfg, run_dir)
+
+
+def _again(kind: str, run_dir: Path | None) -> str:
+    return (f"fedlora run --resume {run_dir} --engine flower" if kind == "simulation"
+            else f"fedlora deploy --resume {run_dir}")
 
 
 def run_flower(args, resume: str | None, data_dir: str | None, overwrite: bool) -> None:
@@ -110,4 +123,6 @@ def deploy(
 ) -> None:
     """Run the experiment on a real Flower deployment on this machine: a SuperLink with TLS (a throwaway CA)
     and CLI-managed node authentication, one SuperNode per client; every process is stopped at the end."""
+    if nodes is not None and nodes < 1:
+        _fail(ValueError(f"--nodes: expected a whole number >= 1, got {nodes}"))
     _launch("deploy", args, resume, data_dir, overwrite, nodes=nodes)
