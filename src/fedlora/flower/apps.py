@@ -28,7 +28,6 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
-from .node import node_for
 from .runtime import NODE_RECORD, FlowerRuntime, _one_line, train_handler
 
 log = logging.getLogger("fedlora")
@@ -141,6 +140,8 @@ def _partition(context: Context) -> int:
 def _node(context: Context):
     if NODE_RECORD not in context.state:
         raise RuntimeError("this node got a task before the server's query (it holds no run config)")
+    from .node import node_for  # torch models and data: only where a task is trained, not for a query
+
     state = context.state[NODE_RECORD]
     config_json = str(state["config"])
     data_dir = context.node_config.get("data-dir")
