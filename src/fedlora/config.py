@@ -221,6 +221,13 @@ class EvalConfig(_Section):
     )
 
 
+class PrivacySection(_Section):
+    bound_factor: float | None = Field(
+        None, ge=1, description="guard without DP: an update whose norm ||s(BA - B0A0)|| is above this many "
+        "times the round's median is clipped or rejected; None: off")
+    bound_mode: Literal["clip", "reject"] = Field("clip", description="what bound_factor does to such an update")
+
+
 class FlowerSection(_Section):
     round_timeout_s: float | None = Field(
         None, gt=0, description="Flower: seconds the server waits for an exchange's replies; None: until every "
@@ -243,6 +250,8 @@ class RunConfig(_Section):
     )
     train: TrainConfig = Field(default_factory=TrainConfig, description="each client's local training")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation after each round")
+    privacy: PrivacySection = Field(default_factory=PrivacySection,
+                                    description="differential privacy and bounds on client updates")
     flower: FlowerSection = Field(default_factory=FlowerSection,
                                   description="the Flower runtime (run --engine flower, deploy)")
 

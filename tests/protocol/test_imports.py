@@ -133,7 +133,7 @@ def test_importing_the_protocol_loads_none_of_them():
 LAYERS = [
     ["fedlora.types", "fedlora.seeds", "fedlora.atomic", "fedlora.devices", "fedlora.flops", "fedlora.hier"],
     ["fedlora.lowrank"],
-    ["fedlora.aggregators"],
+    ["fedlora.aggregators", "fedlora.privacy"],
     ["fedlora.protocol"],
     ["fedlora.partition"],  # its registry's signatures define the config's partition options
     ["fedlora.config"],

@@ -159,6 +159,7 @@ class HierFedLoRA(RoundStrategy):
                         failed: dict[str, str] | None = None, step: int = 0) -> RoundResult:
         """Aggregate each group; on the round's last exchange, aggregate across groups too."""
         accepted, rejected = self._screen(tasks, replies, failed)
+        accepted, clipped = self._bound(tasks, accepted, rejected)
         ranks = {cid: tasks[cid].rank for cid in accepted}
         self._adopt_ranks(accepted)
         inner_errors = []
@@ -173,7 +174,8 @@ class HierFedLoRA(RoundStrategy):
             bytes_up={cid: reply_tensor_bytes(r) for cid, r in replies.items() if r is not None},
             bytes_down={cid: task_tensor_bytes(t) for cid, t in tasks.items()},
             train_loss=sum(self._loss) / len(self._loss) if self._loss else None, ranks=ranks,
-            info={"inner_error": max(inner_errors) if inner_errors else None, "step": step},
+            info={"inner_error": max(inner_errors) if inner_errors else None, "step": step,
+                  **({"clipped": clipped} if clipped else {})},
         )
         if step == self.exchanges_per_round - 1:
             self._aggregate_groups(round_idx, result)

@@ -27,6 +27,7 @@ from torch import Tensor
 from .. import lowrank
 from ..aggregators import Aggregator, validate_update
 from ..aggregators.accounting import error_ratio
+from ..privacy import bound_updates, clip_update, update_norm
 from ..types import AggregationInputError, ClientPayload, ClientUpdate, LowRank, ModuleState
 from .history import CorrectionHistory
 from .messages import ClientReply, ClientTask, TrainSettings, reply_tensor_bytes, task_tensor_bytes
@@ -92,6 +93,10 @@ class RoundStrategy:
     modules_for : callable, optional
         ``modules_for(client_id, round_idx) -> list of module names or None`` (all): the modules a client
         trains in a round (a depth); None trains every module.
+    update_bound : (factor, mode), optional
+        Guard against absurd updates (:func:`fedlora.privacy.bound_updates`): an accepted update whose norm
+        ``||s (B A - B_0 A_0)||`` is above ``factor`` x the exchange's median is clipped to that bound
+        (``mode="clip"``, recorded in ``info["clipped"]``) or rejected (``"reject"``, logged like any other).
 
     A round is ``exchanges_per_round`` exchanges (one here; a hierarchical strategy makes more): for each
     ``step``, ``configure_train`` then ``aggregate_train``, and the last step's result is the round's.
@@ -113,8 +118,10 @@ class RoundStrategy:
         history: CorrectionHistory | None = None,
         synced: dict[str, int] | None = None,
         modules_for=None,
+        update_bound: tuple[float, str] | None = None,
     ):
         self.aggregator = aggregator
+        self.update_bound = update_bound
         self.global_state = global_state
         self.head = head
         self.train = train
@@ -184,6 +191,7 @@ class RoundStrategy:
     ) -> RoundResult:
         """Check the replies, aggregate, and advance the global state and history by one round."""
         accepted, rejected = self._screen(tasks, replies, failed)
+        accepted, clipped = self._bound(tasks, accepted, rejected)
         round_ranks = {cid: tasks[cid].rank for cid in accepted}
         cut = self.energy_rank()  # the ranks this round trained at, before any client pruned
         self._adopt_ranks(accepted)
@@ -221,7 +229,7 @@ class RoundStrategy:
             round=round_idx + 1, clients=list(accepted), rejected=rejected, global_state=self.global_state,
             head=self.head, corrections=corrections, weights=weights, errors=errors, error=error,
             bytes_up=bytes_up, bytes_down=bytes_down, train_loss=train_loss, ranks=round_ranks,
-            rank_energy=energy,
+            rank_energy=energy, info={"clipped": clipped} if clipped else {},
         )
 
     def energy_rank(self) -> int | None:
@@ -264,6 +272,27 @@ class RoundStrategy:
             else:
                 accepted[cid] = reply
         return accepted, rejected
+
+    def _bound(self, tasks, accepted: dict[str, ClientReply],
+               rejected: dict[str, str]) -> tuple[dict[str, ClientReply], dict[str, float]]:
+        """Apply ``update_bound``: the kept (or clipped) replies; each clipped client's norm before clipping."""
+        if self.update_bound is None or not accepted:
+            return accepted, {}
+        factor, mode = self.update_bound
+        norms = {cid: update_norm(tasks[cid].adapter, r.factors) for cid, r in accepted.items()}
+        kept, clipped = {}, {}
+        for cid, decision in bound_updates(norms, factor, mode).items():
+            reply = accepted[cid]
+            if decision.action == "keep":
+                kept[cid] = reply
+            elif decision.action == "reject":
+                rejected[cid] = (f"client {cid!r}: update norm {decision.norm:.3g} is above {factor:g} x the median "
+                                 f"({decision.bound:.3g}); rejected")
+            else:
+                factors, _ = clip_update(tasks[cid].adapter, reply.factors, decision.bound)
+                kept[cid] = dataclasses.replace(reply, factors=factors)
+                clipped[cid] = decision.norm
+        return {cid: kept[cid] for cid in accepted if cid in kept}, clipped
 
     def _check_reply(self, task: ClientTask, reply: ClientReply) -> None:
         cid = task.client_id

@@ -65,8 +65,10 @@ class Simulation:
         }
         self.runtime = runtime(self.host, self.clients)
         head = {k: p.detach().clone() for k, p in self.host.heads().items()}
+        bound = cfg.privacy.bound_factor
         kwargs = dict(train=train_settings(cfg.train), ranks=self.client_ranks, seed=cfg.seed,
-                      history=CorrectionHistory(load=self._corrections_of))
+                      history=CorrectionHistory(load=self._corrections_of),
+                      update_bound=(bound, cfg.privacy.bound_mode) if bound is not None else None)
         if self.method == HierFedLoRA.name:
             self.strategy = build_hierarchy(hier_options(cfg.federation.method_options), self.clock,
                                             self.data.histograms, self.host.read_state(), head, **kwargs)
@@ -345,7 +347,7 @@ def _record(method: str, result: RoundResult, header_bytes: dict[str, int]) -> d
         record["client_ranks"] = result.ranks
     if result.rank_energy is not None:
         record["rank_energy"] = result.rank_energy
-    for key in ("inner_error", "groups"):
+    for key in ("inner_error", "groups", "clipped"):
         if result.info.get(key) is not None:
             record[key] = result.info[key]
     if result.clients:

@@ -1,0 +1,12 @@
+"""Differential privacy and bounded updates: accounting (Opacus's accountants) and update norms in factored form.
+
+Imports no model, data, engine or CLI code: the protocol, the clients and the server use it alike.
+"""
+
+from .accounting import ACCOUNTANTS, check_delta, default_delta, epsilon_spent, noise_multiplier
+from .bounds import UpdateBound, bound_updates, clip_update, update_norm
+
+__all__ = [
+    "ACCOUNTANTS", "UpdateBound", "bound_updates", "check_delta", "clip_update", "default_delta", "epsilon_spent",
+    "noise_multiplier", "update_norm",
+]
