@@ -236,6 +236,9 @@ CASES = {
                                 (lit("nonexistent.yaml"),)),
     "long-path-one-line": Case(lambda w, t: _bad_run_may_create(w, t, f"data.task={LONG_PATH}"),
                                (lit(LONG_PATH),)),
+    "privacy-delta-at-least-1-over-n": Case(
+        lambda w, t: _bad_run_may_create(w, t, "privacy.target_epsilon=3", "privacy.delta=0.5"),
+        (lit("privacy.delta=0.5"), lit("1/n"))),
     # Flower: each is refused before any Flower process starts
     "engine-unknown": Case(lambda w, t: _bad_run(w, t, "--engine", "ray"), (lit("--engine"), lit("ray"))),
     "flower-stop-after": Case(lambda w, t: _bad_run(w, t, "--engine", "flower", "--stop-after", "1"),

@@ -222,6 +222,13 @@ class EvalConfig(_Section):
 
 
 class PrivacySection(_Section):
+    target_epsilon: float | None = Field(
+        None, gt=0, description="sample-level DP-SGD (Opacus) on every client: epsilon each client may spend over "
+        "the whole run; None: off")
+    delta: float | None = Field(None, gt=0, lt=1, description="DP delta; default 1/(10 n) of the smallest "
+                                "client's n examples; must be below 1/n")
+    clip: float = Field(1.0, gt=0, description="DP-SGD: per-example gradient norm bound")
+    accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant that turns noise into epsilon")
     bound_factor: float | None = Field(
         None, ge=1, description="guard without DP: an update whose norm ||s(BA - B0A0)|| is above this many "
         "times the round's median is clipped or rejected; None: off")

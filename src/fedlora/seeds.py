@@ -14,6 +14,8 @@ STREAMS = {
     "batches": 1,     # a client's local batch order: [seed, round, client_index, 1]
     "dropout": 2,     # torch's seed for a client's dropout masks: [seed, round, client_index, 2]
     "sampling": 7,    # the clients sampled in a round: [seed, round, 7]
+    "dp_batches": 11,  # a client's DP-SGD Poisson samples: [seed, round, client_index, 11]
+    "dp_noise": 12,    # torch's seed for a client's DP-SGD noise: [seed, round, client_index, 12]
 }
 
 

@@ -97,6 +97,9 @@ class RoundStrategy:
         Guard against absurd updates (:func:`fedlora.privacy.bound_updates`): an accepted update whose norm
         ``||s (B A - B_0 A_0)||`` is above ``factor`` x the exchange's median is clipped to that bound
         (``mode="clip"``, recorded in ``info["clipped"]``) or rejected (``"reject"``, logged like any other).
+    privacy : dict, optional
+        Each client's DP-SGD settings (``noise_multiplier``, ``clip``, ``sample_rate``, ``delta``,
+        ``accountant``), sent in its task's ``privacy`` field so every runtime applies them.
 
     A round is ``exchanges_per_round`` exchanges (one here; a hierarchical strategy makes more): for each
     ``step``, ``configure_train`` then ``aggregate_train``, and the last step's result is the round's.
@@ -119,9 +122,11 @@ class RoundStrategy:
         synced: dict[str, int] | None = None,
         modules_for=None,
         update_bound: tuple[float, str] | None = None,
+        privacy: dict[str, dict] | None = None,
     ):
         self.aggregator = aggregator
         self.update_bound = update_bound
+        self.privacy = dict(privacy or {})
         self.global_state = global_state
         self.head = head
         self.train = train
@@ -180,6 +185,7 @@ class RoundStrategy:
             catch_up=catch_up[version] if catch_up is not None else {},
             catch_up_from=version,
             catch_up_to=self.history.latest,
+            privacy=dict(self.privacy.get(cid, {})),
         )
         self.synced[cid] = self.history.latest
         return task

@@ -172,14 +172,26 @@ def train_client(host, task, data: ClientData):
         params += list(heads.values())
         steps = local_steps(settings, len(data.indices))
         torch.manual_seed(seeds.integer(task.seed, "dropout"))
-        batches = local_batches(data.indices, settings.batch_size, steps, seeds.sequence(task.seed, "batches"))
         kept = data.optimizer_state if settings.optimizer_state == "kept" else None
-        loss, opt_state = train_local(
-            host.model, params, batches, data.encoded,
-            steps=steps, lr=settings.lr, weight_decay=settings.weight_decay,
-            warmup_steps=settings.warmup_steps, max_grad_norm=settings.max_grad_norm,
-            optimizer_state=kept, penalty=_penalty(host, task, adapter, modules),
-        )
+        dp = task.privacy.get("noise_multiplier") is not None
+        if dp:  # sample-level DP-SGD: Poisson samples at the rate the server's accountant assumed
+            from .dp import poisson_batches, train_local_dp
+
+            rate = float(task.privacy["sample_rate"])
+            loss, opt_state = train_local_dp(
+                host.model, params, poisson_batches(data.indices, rate, steps, seeds.sequence(task.seed, "dp_batches")),
+                data.encoded, lr=settings.lr, weight_decay=settings.weight_decay, warmup_steps=settings.warmup_steps,
+                noise_multiplier=float(task.privacy["noise_multiplier"]), clip=float(task.privacy["clip"]),
+                expected_batch_size=rate * len(data.indices), seed=task.seed, batch_at=batch_at,
+            )
+        else:
+            batches = local_batches(data.indices, settings.batch_size, steps, seeds.sequence(task.seed, "batches"))
+            loss, opt_state = train_local(
+                host.model, params, batches, data.encoded,
+                steps=steps, lr=settings.lr, weight_decay=settings.weight_decay,
+                warmup_steps=settings.warmup_steps, max_grad_norm=settings.max_grad_norm,
+                optimizer_state=kept, penalty=_penalty(host, task, adapter, modules),
+            )
     if settings.optimizer_state == "kept":
         data.optimizer_state = opt_state
     metrics = {}

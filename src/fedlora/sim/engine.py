@@ -31,6 +31,7 @@ from ..types import LowRank, ModuleState
 from .client import ClientData, predict
 from .clock import Clock, client_ranks, mean_lengths
 from .data import FederatedData, build_federated_data, score
+from .dp import privacy_ledger
 from .hierarchy import build_hierarchy, hier_options
 from .host import ModelHost
 from .runtimes import InProcessRuntime
@@ -66,9 +67,12 @@ class Simulation:
         self.runtime = runtime(self.host, self.clients)
         head = {k: p.detach().clone() for k, p in self.host.heads().items()}
         bound = cfg.privacy.bound_factor
+        self.ledger = privacy_ledger(cfg, self.aggregator, train_settings(cfg.train),
+                                     {c: len(d.indices) for c, d in self.clients.items()})
         kwargs = dict(train=train_settings(cfg.train), ranks=self.client_ranks, seed=cfg.seed,
                       history=CorrectionHistory(load=self._corrections_of),
-                      update_bound=(bound, cfg.privacy.bound_mode) if bound is not None else None)
+                      update_bound=(bound, cfg.privacy.bound_mode) if bound is not None else None,
+                      privacy=self.ledger.settings if self.ledger is not None else None)
         if self.method == HierFedLoRA.name:
             self.strategy = build_hierarchy(hier_options(cfg.federation.method_options), self.clock,
                                             self.data.histograms, self.host.read_state(), head, **kwargs)
@@ -179,6 +183,8 @@ class Simulation:
         strategy.history = CorrectionHistory(load=self._corrections_of, latest=completed)
         strategy.load_state(state.get("strategy", {"synced": state.get("synced", {})}))
         self.clock.load_state(state.get("clock", {}))
+        if self.ledger is not None:
+            self.ledger.load_state(state.get("privacy", {}))
         for cid, opt in _unflatten_optimizers(checkpoint.load_tensors(folder, "optimizer"), state).items():
             self.clients[cid].optimizer_state = opt
         self.records = list(state["metrics"])
@@ -239,6 +245,9 @@ class Simulation:
         lanes = {cid: self.strategy.lane_of(cid) for cid in clients}
         record["sim_round_s"] = self.clock.round_time(times, lanes)
         record["stragglers"] = stragglers
+        if self.ledger is not None:  # every sampled client may have trained: all of them spend
+            record["epsilon"] = self.ledger.charge(clients)
+            record["epsilon_max"], record["dp_delta"] = max(record["epsilon"].values()), self.ledger.delta
         record.update(self.evaluate(result.clients))
         record["round_time_s"] = time.perf_counter() - t0
         return record
@@ -294,6 +303,7 @@ class Simulation:
             "synced": self.strategy.synced,
             "strategy": self.strategy.state(),
             "clock": self.clock.state(),
+            "privacy": self.ledger.state() if self.ledger is not None else {},
         }
         checkpoint.save_round(
             self.run_dir, round_number, {"adapter": adapter, "correction": corr, "optimizer": opt_tensors}, state
