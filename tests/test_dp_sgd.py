@@ -88,3 +88,28 @@ def test_what_dp_sgd_cannot_cover_is_refused_in_one_line(assets, tmp_path, extra
     with pytest.raises(ValueError) as info:
         Simulation(_cfg(assets, tmp_path / "bad", *extra))
     assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_dp_settings_travel_in_the_task_so_a_serialising_runtime_gives_the_same_run(assets, tmp_path):
+    from fedlora.sim.engine import Simulation
+    from fedlora.sim.runtimes import SerializingRuntime
+
+    extra = ("privacy.target_epsilon=8", "federation.rounds=2")
+    plain = Simulation(_cfg(assets, tmp_path / "a", *extra)).run()
+    wire = Simulation(_cfg(assets, tmp_path / "b", *extra), runtime=SerializingRuntime).run()
+    for a, b in zip(plain, wire):
+        for key in ("metric", "eval_loss", "train_loss", "agg_error", "epsilon", "clients"):
+            assert a[key] == b[key], key
+
+
+def test_the_summary_table_shows_the_epsilon_spent():
+    from rich.console import Console
+
+    from fedlora.report import summary_table
+
+    records = [{"round": 1, "metric_name": "accuracy", "metric": 0.5, "epsilon_max": 1.234, "dp_delta": 1e-4},
+               {"round": 2, "metric_name": "accuracy", "metric": 0.6, "epsilon_max": 2.5, "dp_delta": 1e-4}]
+    console = Console(width=200, record=True)
+    console.print(summary_table(records))
+    text = console.export_text()
+    assert "eps max (delta 1.0e-04)" in text and "1.234" in text and "2.500" in text

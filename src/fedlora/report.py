@@ -165,8 +165,8 @@ def summary_table(records: Sequence[Mapping[str, Any]], title: str | None = None
     -------
     rich.table.Table
         Columns: round, the metric (named in the header), eval loss, local metric, train loss,
-        aggregation error (scientific notation), MB up, MB down and round time. Missing values show a
-        dash.
+        aggregation error (scientific notation), MB up, MB down and round time, and with DP-SGD the largest
+        epsilon spent so far (at the run's delta). Missing values show a dash.
     """
     from rich.table import Table
 
@@ -181,6 +181,10 @@ def summary_table(records: Sequence[Mapping[str, Any]], title: str | None = None
     table.add_column("MB up", justify="right")
     table.add_column("MB down", justify="right")
     table.add_column("Time (s)", justify="right")
+    private = any(_is_number(r.get("epsilon_max")) for r in records)
+    if private:  # DP-SGD: the largest epsilon any client has spent so far, at the run's delta
+        delta = next(r["dp_delta"] for r in records if _is_number(r.get("dp_delta")))
+        table.add_column(f"eps max (delta {delta:.1e})", justify="right")
 
     def num(r: Mapping[str, Any], key: str) -> float | None:
         v = r.get(key)
@@ -188,6 +192,7 @@ def summary_table(records: Sequence[Mapping[str, Any]], title: str | None = None
 
     for r in _by_round(records):
         rnd = r.get("round")
+        extra = [_fmt(num(r, "epsilon_max"), ".3f")] if private else []
         table.add_row(
             str(rnd) if rnd is not None else _DASH,
             _fmt(num(r, "metric"), ".4f"),
@@ -198,6 +203,7 @@ def summary_table(records: Sequence[Mapping[str, Any]], title: str | None = None
             _fmt_mb(num(r, "bytes_up")),
             _fmt_mb(num(r, "bytes_down")),
             _fmt(num(r, "round_time_s"), ".1f"),
+            *extra,
         )
     return table
 
