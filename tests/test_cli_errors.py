@@ -239,6 +239,9 @@ CASES = {
     "privacy-delta-at-least-1-over-n": Case(
         lambda w, t: _bad_run_may_create(w, t, "privacy.target_epsilon=3", "privacy.delta=0.5"),
         (lit("privacy.delta=0.5"), lit("1/n"))),
+    "privacy-proximal-term": Case(
+        lambda w, t: _bad_run(w, t, "privacy.target_epsilon=3", "federation.method_options.proximal_mu=0.1"),
+        (lit("privacy.target_epsilon"), lit("proximal"))),
     # Flower: each is refused before any Flower process starts
     "engine-unknown": Case(lambda w, t: _bad_run(w, t, "--engine", "ray"), (lit("--engine"), lit("ray"))),
     "flower-stop-after": Case(lambda w, t: _bad_run(w, t, "--engine", "flower", "--stop-after", "1"),

@@ -123,6 +123,16 @@ def privacy_ledger(cfg, aggregator, train: TrainSettings, sizes: dict[str, int])
         return None
     from .client import local_steps
 
+    settings = check_privacy(cfg, aggregator, train)
+    steps = {cid: local_steps(settings, n) for cid, n in sizes.items()}
+    return PrivacyLedger(target_epsilon=p.target_epsilon, delta=p.delta, clip=p.clip, accountant=p.accountant,
+                         sizes=sizes, steps=steps, batch_size=cfg.train.batch_size, rounds=cfg.federation.rounds)
+
+
+def check_privacy(cfg, aggregator, train: TrainSettings) -> TrainSettings:
+    """One-line errors for what DP-SGD cannot cover (before any data is read); the round's settings."""
+    if cfg.privacy.target_epsilon is None:
+        return train
     if cfg.federation.method == "hierfedlora":
         raise ValueError("privacy.target_epsilon: DP-SGD is not supported with hierfedlora yet (its group rounds "
                          "would need their own accounting)")
@@ -130,6 +140,4 @@ def privacy_ledger(cfg, aggregator, train: TrainSettings, sizes: dict[str, int])
     if aggregator.proximal_mu > 0 or settings.rank_penalty > 0:
         raise ValueError("privacy.target_epsilon: DP-SGD clips per-example gradients and cannot cover a proximal "
                          "term or a rank penalty; set them to 0 in federation.method_options")
-    steps = {cid: local_steps(settings, n) for cid, n in sizes.items()}
-    return PrivacyLedger(target_epsilon=p.target_epsilon, delta=p.delta, clip=p.clip, accountant=p.accountant,
-                         sizes=sizes, steps=steps, batch_size=cfg.train.batch_size, rounds=cfg.federation.rounds)
+    return settings

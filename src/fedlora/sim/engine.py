@@ -31,7 +31,7 @@ from ..types import LowRank, ModuleState
 from .client import ClientData, predict
 from .clock import Clock, client_ranks, mean_lengths
 from .data import FederatedData, build_federated_data, score
-from .dp import privacy_ledger
+from .dp import check_privacy, privacy_ledger
 from .hierarchy import build_hierarchy, hier_options
 from .host import ModelHost
 from .runtimes import InProcessRuntime
@@ -104,6 +104,7 @@ class Simulation:
         except ValueError as err:
             known = method in AGGREGATORS or method == HierFedLoRA.name
             raise ValueError(f"{'federation.method_options' if known else 'federation.method'}: {err}") from None
+        check_privacy(cfg, aggregator, train_settings(cfg.train))
         adapters.check_model(cfg.model)
         return aggregator
 
