@@ -239,6 +239,9 @@ CASES = {
     "privacy-delta-at-least-1-over-n": Case(
         lambda w, t: _bad_run_may_create(w, t, "privacy.target_epsilon=3", "privacy.delta=0.5"),
         (lit("privacy.delta=0.5"), lit("1/n"))),
+    "client-dp-method-that-leaks": Case(
+        lambda w, t: _bad_run(w, t, "privacy.client_epsilon=3"),
+        (lit("privacy.client_epsilon"), lit("fold_tail"))),
     "privacy-proximal-term": Case(
         lambda w, t: _bad_run(w, t, "privacy.target_epsilon=3", "federation.method_options.proximal_mu=0.1"),
         (lit("privacy.target_epsilon"), lit("proximal"))),

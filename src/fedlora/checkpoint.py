@@ -298,3 +298,26 @@ def load_adapter(folder: Path, scales: dict[str, float], head_names) -> tuple[di
         for m, s in scales.items()
     }
     return factors, {k: _get(tensors, f"head.{k}", folder, "adapter") for k in head_names}
+
+
+def flatten_optimizers(states: dict[str, dict]) -> tuple[dict[str, torch.Tensor], dict]:
+    """AdamW states as flat tensors (safetensors) plus JSON metadata; never pickled."""
+    tensors, meta = {}, {}
+    for cid, sd in states.items():
+        meta[cid] = {"param_groups": sd["param_groups"], "params": []}
+        for pid, st in sd["state"].items():
+            names = []
+            for key, value in st.items():
+                tensors[f"{cid}.{pid}.{key}"] = torch.as_tensor(value).clone()
+                names.append(key)
+            meta[cid]["params"].append([pid, names])
+    return tensors, meta
+
+
+def unflatten_optimizers(tensors: dict[str, torch.Tensor], state: dict) -> dict[str, dict]:
+    """The AdamW states :func:`flatten_optimizers` wrote (``state["optimizer_meta"]`` names them)."""
+    out = {}
+    for cid, info in state.get("optimizer_meta", {}).items():
+        st = {int(pid): {k: tensors[f"{cid}.{pid}.{k}"] for k in names} for pid, names in info["params"]}
+        out[cid] = {"state": st, "param_groups": info["param_groups"]}
+    return out

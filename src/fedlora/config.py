@@ -229,6 +229,16 @@ class PrivacySection(_Section):
                                 "client's n examples; must be below 1/n")
     clip: float = Field(1.0, gt=0, description="DP-SGD: per-example gradient norm bound")
     accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant that turns noise into epsilon")
+    client_epsilon: float | None = Field(
+        None, gt=0, description="client-level DP at the server (fra with fold_tail only): epsilon the whole run may "
+        "spend on any one client's participation; clients are then sampled by Poisson sampling; None: off")
+    client_noise_multiplier: float | None = Field(
+        None, ge=0, description="client-level DP with this noise multiplier z instead of a target epsilon (0: no "
+        "noise, a check)")
+    client_clip: float = Field(1.0, gt=0, description="client-level DP: bound C on each client's update norm "
+                               "||s(BA - B0A0)|| together with its head's change")
+    client_delta: float | None = Field(None, gt=0, lt=1, description="client-level DP delta; default 1/(10 N) for "
+                                       "N = partition.num_clients; must be below 1/N")
     bound_factor: float | None = Field(
         None, ge=1, description="guard without DP: an update whose norm ||s(BA - B0A0)|| is above this many "
         "times the round's median is clipped or rejected; None: off")

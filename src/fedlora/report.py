@@ -166,7 +166,8 @@ def summary_table(records: Sequence[Mapping[str, Any]], title: str | None = None
     rich.table.Table
         Columns: round, the metric (named in the header), eval loss, local metric, train loss,
         aggregation error (scientific notation), MB up, MB down and round time, and with DP-SGD the largest
-        epsilon spent so far (at the run's delta). Missing values show a dash.
+        epsilon spent so far (at the run's delta), with client-level DP its epsilon so far (at its delta).
+        Missing values show a dash.
     """
     from rich.table import Table
 
@@ -185,6 +186,10 @@ def summary_table(records: Sequence[Mapping[str, Any]], title: str | None = None
     if private:  # DP-SGD: the largest epsilon any client has spent so far, at the run's delta
         delta = next(r["dp_delta"] for r in records if _is_number(r.get("dp_delta")))
         table.add_column(f"eps max (delta {delta:.1e})", justify="right")
+    client_level = any(_is_number(r.get("client_epsilon")) for r in records)
+    if client_level:  # client-level DP: epsilon of any one client's participation so far
+        delta = next(r["client_delta"] for r in records if _is_number(r.get("client_delta")))
+        table.add_column(f"client eps (delta {delta:.1e})", justify="right")
 
     def num(r: Mapping[str, Any], key: str) -> float | None:
         v = r.get(key)
@@ -193,6 +198,7 @@ def summary_table(records: Sequence[Mapping[str, Any]], title: str | None = None
     for r in _by_round(records):
         rnd = r.get("round")
         extra = [_fmt(num(r, "epsilon_max"), ".3f")] if private else []
+        extra += [_fmt(num(r, "client_epsilon"), ".3f")] if client_level else []
         table.add_row(
             str(rnd) if rnd is not None else _DASH,
             _fmt(num(r, "metric"), ".4f"),

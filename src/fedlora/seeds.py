@@ -16,6 +16,7 @@ STREAMS = {
     "sampling": 7,    # the clients sampled in a round: [seed, round, 7]
     "dp_batches": 11,  # a client's DP-SGD Poisson samples: [seed, round, client_index, 11]
     "dp_noise": 12,    # torch's seed for a client's DP-SGD noise: [seed, round, client_index, 12]
+    "client_dp_noise": 13,  # torch's seed for the server's client-level DP noise: [seed, round, 13]
 }
 
 

@@ -35,9 +35,19 @@ def _module_norm(start: LoRAFactors, trained: LoRAFactors) -> float:
     return lowrank.frobenius_norm(stacked)
 
 
-def update_norm(start: dict[str, LoRAFactors], trained: dict[str, LoRAFactors]) -> float:
-    """``sqrt(sum_m ||s (B_m A_m - B_0m A_0m)||_F^2)`` over the modules of ``trained``."""
-    return math.sqrt(sum(_module_norm(start[m], f) ** 2 for m, f in trained.items()))
+def update_norm(start: dict[str, LoRAFactors], trained: dict[str, LoRAFactors],
+                heads: tuple[dict, dict] | None = None) -> float:
+    """``sqrt(sum_m ||s (B_m A_m - B_0m A_0m)||_F^2)`` over the modules of ``trained``; with
+    ``heads=(h_0, h)`` also ``+ sum ||h - h_0||^2`` over the head's tensors."""
+    total = sum(_module_norm(start[m], f) ** 2 for m, f in trained.items())
+    if heads is not None:
+        total += sum(float((heads[1][k].double() - h0.double()).square().sum()) for k, h0 in heads[0].items())
+    return math.sqrt(total)
+
+
+def towards_head(head_start: dict, head: dict, t: float) -> dict:
+    """``h_0 + t (h - h_0)``: a head moved back toward the start by the clip's fraction ``t``."""
+    return head if t == 1.0 else {k: h0 + t * (head[k] - h0) for k, h0 in head_start.items()}
 
 
 def _towards(start: dict[str, LoRAFactors], trained: dict[str, LoRAFactors], t: float) -> dict[str, LoRAFactors]:
@@ -45,17 +55,22 @@ def _towards(start: dict[str, LoRAFactors], trained: dict[str, LoRAFactors], t: 
             for m, f in trained.items()}
 
 
-def clip_update(start: dict[str, LoRAFactors], trained: dict[str, LoRAFactors],
-                bound: float) -> tuple[dict[str, LoRAFactors], float]:
-    """Factors whose update norm is at most ``bound`` (``trained`` itself when it already is); and ``t``."""
+def clip_update(start: dict[str, LoRAFactors], trained: dict[str, LoRAFactors], bound: float,
+                heads: tuple[dict, dict] | None = None) -> tuple[dict[str, LoRAFactors], float]:
+    """Factors whose update norm is at most ``bound`` (``trained`` itself when it already is); and ``t``.
+
+    With ``heads=(h_0, h)`` the head's change counts in the norm, and the caller moves the head by the same
+    ``t`` (:func:`towards_head`).
+    """
     if not bound >= 0:
         raise ValueError(f"an update bound must be a number >= 0, got {bound}")
-    if update_norm(start, trained) <= bound:
+    if update_norm(start, trained, heads) <= bound:
         return trained, 1.0
     low, high = 0.0, 1.0  # norm(low) <= bound < norm(high); norm(0) = 0
     for _ in range(_BISECTION_STEPS):
         mid = (low + high) / 2
-        if update_norm(start, _towards(start, trained, mid)) <= bound:
+        moved = None if heads is None else (heads[0], towards_head(heads[0], heads[1], mid))
+        if update_norm(start, _towards(start, trained, mid), moved) <= bound:
             low = mid
         else:
             high = mid

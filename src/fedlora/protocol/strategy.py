@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .. import lowrank
+from .. import lowrank, seeds
 from ..aggregators import Aggregator, validate_update
 from ..aggregators.accounting import error_ratio
-from ..privacy import bound_updates, clip_update, update_norm
+from ..privacy import ClientDP, bound_updates, clip_update, release, update_norm
 from ..types import AggregationInputError, ClientPayload, ClientUpdate, LowRank, ModuleState
 from .history import CorrectionHistory
 from .messages import ClientReply, ClientTask, TrainSettings, reply_tensor_bytes, task_tensor_bytes
@@ -100,6 +100,10 @@ class RoundStrategy:
     privacy : dict, optional
         Each client's DP-SGD settings (``noise_multiplier``, ``clip``, ``sample_rate``, ``delta``,
         ``accountant``), sent in its task's ``privacy`` field so every runtime applies them.
+    client_dp : ClientDP, optional
+        Client-level DP at the server (:mod:`fedlora.privacy.client_level`): the replies are clipped and the
+        round releases their noisy fixed-denominator mean, split as FRA with ``fold_tail`` does; the
+        aggregator's own combination is not used.
 
     A round is ``exchanges_per_round`` exchanges (one here; a hierarchical strategy makes more): for each
     ``step``, ``configure_train`` then ``aggregate_train``, and the last step's result is the round's.
@@ -123,8 +127,10 @@ class RoundStrategy:
         modules_for=None,
         update_bound: tuple[float, str] | None = None,
         privacy: dict[str, dict] | None = None,
+        client_dp: ClientDP | None = None,
     ):
         self.aggregator = aggregator
+        self.client_dp = client_dp
         self.update_bound = update_bound
         self.privacy = dict(privacy or {})
         self.global_state = global_state
@@ -197,6 +203,8 @@ class RoundStrategy:
     ) -> RoundResult:
         """Check the replies, aggregate, and advance the global state and history by one round."""
         accepted, rejected = self._screen(tasks, replies, failed)
+        if self.client_dp is not None:
+            return self._release(round_idx, tasks, replies, accepted, rejected)
         accepted, clipped = self._bound(tasks, accepted, rejected)
         round_ranks = {cid: tasks[cid].rank for cid in accepted}
         cut = self.energy_rank()  # the ranks this round trained at, before any client pruned
@@ -236,6 +244,26 @@ class RoundStrategy:
             head=self.head, corrections=corrections, weights=weights, errors=errors, error=error,
             bytes_up=bytes_up, bytes_down=bytes_down, train_loss=train_loss, ranks=round_ranks,
             rank_energy=energy, info={"clipped": clipped} if clipped else {},
+        )
+
+    def _release(self, round_idx, tasks, replies, accepted, rejected) -> RoundResult:
+        """The client-level DP round: every accepted reply clipped, the noisy mean released (even of none)."""
+        start = {m: st.factors for m, st in self.global_state.items()}
+        out = release(self.client_dp, start, self.head, {c: (r.factors, r.head) for c, r in accepted.items()},
+                      seeds.integer([self.seed, round_idx], "client_dp_noise"))
+        self.global_state = {m: dataclasses.replace(st, factors=out.factors[m]) for m, st in self.global_state.items()}
+        self.head = out.head
+        self.history.append(round_idx + 1, out.tails)
+        m = self.client_dp.expected_clients
+        info = {"clipped": out.clipped} if out.clipped else {}
+        return RoundResult(
+            round=round_idx + 1, clients=list(accepted), rejected=rejected, global_state=self.global_state,
+            head=self.head, corrections=out.tails, weights={c: 1.0 / m for c in accepted},
+            errors=out.errors, error=out.error,
+            bytes_up={c: reply_tensor_bytes(r) for c, r in replies.items() if r is not None},
+            bytes_down={c: task_tensor_bytes(t) for c, t in tasks.items()},
+            train_loss=float(sum(r.train_loss for r in accepted.values()) / len(accepted)) if accepted else None,
+            ranks={c: tasks[c].rank for c in accepted}, info=info,
         )
 
     def energy_rank(self) -> int | None:

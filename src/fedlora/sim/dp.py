@@ -129,8 +129,48 @@ def privacy_ledger(cfg, aggregator, train: TrainSettings, sizes: dict[str, int])
                          sizes=sizes, steps=steps, batch_size=cfg.train.batch_size, rounds=cfg.federation.rounds)
 
 
+def client_dp(cfg, ranks: dict[str, int] | None = None):
+    """The run's client-level DP mechanism (:class:`fedlora.privacy.ClientDP`), or None; one-line errors."""
+    from ..privacy import ClientDP, check_delta, default_delta
+
+    p, fed = cfg.privacy, cfg.federation
+    if p.client_epsilon is None and p.client_noise_multiplier is None:
+        return None
+    key = "privacy.client_epsilon" if p.client_epsilon is not None else "privacy.client_noise_multiplier"
+    if p.client_epsilon is not None and p.client_noise_multiplier is not None:
+        raise ValueError("privacy: give client_epsilon or client_noise_multiplier, not both")
+    options = fed.method_options
+    if fed.method != "fra" or not options.get("fold_tail") or options.get("ffa_after") is not None:
+        raise ValueError(f"{key}: client-level DP releases a noisy mean that only fra with fold_tail=true (and no "
+                         f"ffa_after) turns into the next adapter; {fed.method} would send un-noised client factors")
+    if ranks is not None and len(set(ranks.values())) > 1:
+        raise ValueError(f"{key}: client-level DP needs one LoRA rank for every client, got {sorted(set(ranks.values()))}")
+    n = cfg.partition.num_clients
+    delta = check_delta(p.client_delta, n) if p.client_delta is not None else default_delta(n)
+    q = fed.clients_per_round / n
+    if p.client_noise_multiplier is not None:
+        return ClientDP(p.client_noise_multiplier, p.client_clip, q, n, delta, p.accountant)
+    return ClientDP.for_target(p.client_epsilon, fed.rounds, clip=p.client_clip, sample_rate=q, num_clients=n,
+                               delta=delta, accountant=p.accountant)
+
+
+def calibrated_rounds(raw: dict) -> int | None:
+    """The rounds a saved run's DP noise was calibrated for (it has a target epsilon), else None: such a run
+    cannot be extended, since its noise would then overspend the target."""
+    p = raw.get("privacy") or {}
+    if p.get("target_epsilon") is None and p.get("client_epsilon") is None:
+        return None
+    return int(raw["federation"]["rounds"])
+
+
+def poisson_clients(ids: list[str], sample_rate: float, rng: np.random.Generator) -> list[str]:
+    """Each client in with probability ``sample_rate``, independently (what the accountant assumes)."""
+    return [cid for cid, u in zip(ids, rng.random(len(ids))) if u < sample_rate]
+
+
 def check_privacy(cfg, aggregator, train: TrainSettings) -> TrainSettings:
-    """One-line errors for what DP-SGD cannot cover (before any data is read); the round's settings."""
+    """One-line errors for what DP cannot cover (before any data is read); the round's settings."""
+    client_dp(cfg)
     if cfg.privacy.target_epsilon is None:
         return train
     if cfg.federation.method == "hierfedlora":

@@ -31,7 +31,7 @@ from ..types import LowRank, ModuleState
 from .client import ClientData, predict
 from .clock import Clock, client_ranks, mean_lengths
 from .data import FederatedData, build_federated_data, score
-from .dp import check_privacy, privacy_ledger
+from .dp import calibrated_rounds, check_privacy, client_dp, poisson_clients, privacy_ledger
 from .hierarchy import build_hierarchy, hier_options
 from .host import ModelHost
 from .runtimes import InProcessRuntime
@@ -69,10 +69,11 @@ class Simulation:
         bound = cfg.privacy.bound_factor
         self.ledger = privacy_ledger(cfg, self.aggregator, train_settings(cfg.train),
                                      {c: len(d.indices) for c, d in self.clients.items()})
+        self.client_dp = client_dp(cfg, self.client_ranks)
         kwargs = dict(train=train_settings(cfg.train), ranks=self.client_ranks, seed=cfg.seed,
                       history=CorrectionHistory(load=self._corrections_of),
                       update_bound=(bound, cfg.privacy.bound_mode) if bound is not None else None,
-                      privacy=self.ledger.settings if self.ledger is not None else None)
+                      privacy=self.ledger.settings if self.ledger is not None else None, client_dp=self.client_dp)
         if self.method == HierFedLoRA.name:
             self.strategy = build_hierarchy(hier_options(cfg.federation.method_options), self.clock,
                                             self.data.histograms, self.host.read_state(), head, **kwargs)
@@ -160,6 +161,10 @@ class Simulation:
                 raise ConfigError(
                     f"federation.rounds={rounds}: {run_dir} has already completed {found.number} rounds"
                 )
+            fixed = calibrated_rounds(raw)
+            if fixed is not None and rounds != fixed:
+                raise ConfigError(f"federation.rounds={rounds}: {run_dir} calibrated its DP noise to a target epsilon "
+                                  f"over {fixed} rounds; it cannot be extended")
             raw = {**raw, "federation": {**raw.get("federation", {}), "rounds": rounds}}
         cfg = config_from_dict(raw)
         cfg.output_dir = str(run_dir)
@@ -186,7 +191,7 @@ class Simulation:
         self.clock.load_state(state.get("clock", {}))
         if self.ledger is not None:
             self.ledger.load_state(state.get("privacy", {}))
-        for cid, opt in _unflatten_optimizers(checkpoint.load_tensors(folder, "optimizer"), state).items():
+        for cid, opt in checkpoint.unflatten_optimizers(checkpoint.load_tensors(folder, "optimizer"), state).items():
             self.clients[cid].optimizer_state = opt
         self.records = list(state["metrics"])
         self.next_round = completed
@@ -202,6 +207,8 @@ class Simulation:
     def sample_clients(self, round_idx: int) -> list[str]:
         rng = seeds.rng([self.cfg.seed, round_idx], "sampling")
         ids = self.data.client_ids
+        if self.client_dp is not None:
+            return poisson_clients(ids, self.client_dp.sample_rate, rng)
         chosen = rng.choice(len(ids), size=self.cfg.federation.clients_per_round, replace=False)
         return [ids[i] for i in sorted(chosen)]
 
@@ -236,7 +243,8 @@ class Simulation:
             else:
                 log.warning("round %d: rejected update: %s", round_idx + 1, why)
         if not result.clients:
-            log.warning("round %d: every update was rejected; the global model is unchanged", round_idx + 1)
+            log.warning("round %d: %s", round_idx + 1, "every update was rejected; the global model is unchanged"
+                        if clients else "no client was sampled")
         self.host.fold(result.corrections)
         self._round_corrections = result.corrections  # written by the round's checkpoint
         self.host.install_global(result.global_state, result.head)
@@ -248,7 +256,9 @@ class Simulation:
         record["stragglers"] = stragglers
         if self.ledger is not None:  # every sampled client may have trained: all of them spend
             record["epsilon"] = self.ledger.charge(clients)
-            record["epsilon_max"], record["dp_delta"] = max(record["epsilon"].values()), self.ledger.delta
+            record["epsilon_max"], record["dp_delta"] = max(record["epsilon"].values(), default=0.0), self.ledger.delta
+        if self.client_dp is not None:
+            record["client_epsilon"], record["client_delta"] = self.client_dp.epsilon(round_idx + 1), self.client_dp.delta
         record.update(self.evaluate(result.clients))
         record["round_time_s"] = time.perf_counter() - t0
         return record
@@ -293,7 +303,7 @@ class Simulation:
         factors = {m: s.factors for m, s in self.global_state.items()}
         adapter = checkpoint.adapter_tensors(factors, self.global_head)
         corr = checkpoint.correction_tensors(self._round_corrections)
-        opt_tensors, opt_meta = _flatten_optimizers(self.optimizer_states)
+        opt_tensors, opt_meta = checkpoint.flatten_optimizers(self.optimizer_states)
         state = {
             "round": round_number,
             "method": self.aggregator.name,
@@ -376,24 +386,3 @@ def _record(method: str, result: RoundResult, header_bytes: dict[str, int]) -> d
         record["header_bytes"] = sum(header_bytes.values())
     return record
 
-
-def _flatten_optimizers(states: dict[str, dict]) -> tuple[dict[str, torch.Tensor], dict]:
-    """AdamW states as flat tensors (safetensors) plus JSON metadata; never pickled."""
-    tensors, meta = {}, {}
-    for cid, sd in states.items():
-        meta[cid] = {"param_groups": sd["param_groups"], "params": []}
-        for pid, st in sd["state"].items():
-            names = []
-            for key, value in st.items():
-                tensors[f"{cid}.{pid}.{key}"] = torch.as_tensor(value).clone()
-                names.append(key)
-            meta[cid]["params"].append([pid, names])
-    return tensors, meta
-
-
-def _unflatten_optimizers(tensors: dict[str, torch.Tensor], state: dict) -> dict[str, dict]:
-    out = {}
-    for cid, info in state.get("optimizer_meta", {}).items():
-        st = {int(pid): {k: tensors[f"{cid}.{pid}.{k}"] for k in names} for pid, names in info["params"]}
-        out[cid] = {"state": st, "param_groups": info["param_groups"]}
-    return out
