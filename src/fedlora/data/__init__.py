@@ -11,7 +11,7 @@ from .dataset import TextDataset, encode_labels, subsample
 from .errors import DataError, DataFileNotFoundError
 from .instructions import PERPLEXITY, load_instructions
 from .loading import DATA_DIR_ENV, load_hub, load_local, load_source, load_task, resolve_data_dir, task_file
-from .metrics import METRICS, compute_metric, primary_score
+from .metrics import METRICS, compute_metric, primary_score, score_name
 from .readers import read_table
 from .tasks import TASKS, TaskSpec, get_task
 from .tokenize import IGNORE_INDEX, EncodedDataset, collate, encode, encode_instructions
@@ -39,6 +39,7 @@ __all__ = [
     "load_source",
     "load_task",
     "primary_score",
+    "score_name",
     "read_table",
     "resolve_data_dir",
     "subsample",

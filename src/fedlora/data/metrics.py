@@ -2,7 +2,8 @@
 
 ``compute_metric(name, predictions, labels)`` returns what GLUE reports for a task: ``accuracy``;
 ``matthews_corrcoef`` (CoLA); ``f1`` *and* ``accuracy`` (MRPC, QQP); ``pearson`` *and* ``spearman``
-(STS-B). A task's single score is the mean of those values (:func:`primary_score`), as on the GLUE board.
+(STS-B). A task's single score is the mean of those values (:func:`primary_score`), as on the GLUE board,
+named by :func:`score_name` (``mean(f1,accuracy)``).
 Degenerate inputs follow sklearn/scipy: MCC and F1 are 0 when undefined, Pearson/Spearman are NaN when a
 side is constant.
 """
@@ -114,3 +115,10 @@ def compute_metric(name: str, predictions, labels) -> dict[str, float]:
 def primary_score(result: dict[str, float]) -> float:
     """The task's single number: the mean of its reported metrics (GLUE's convention)."""
     return float(np.mean(list(result.values())))
+
+
+def score_name(result: dict[str, float]) -> str:
+    """What :func:`primary_score` is called: the metric's own name, or ``mean(f1,accuracy)`` when it is a
+    mean of several (so a mean is never labelled as one of its parts)."""
+    names = list(result)
+    return names[0] if len(names) == 1 else f"mean({','.join(names)})"

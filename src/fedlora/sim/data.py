@@ -150,8 +150,9 @@ def build_federated_data(cfg: RunConfig, run_dir: Path) -> FederatedData:
     )
 
 
-def score(data: FederatedData, logits: Tensor, labels: Tensor) -> float:
-    """The task's main metric from logits (argmax, or the value itself for regression).
+def metric_values(data: FederatedData, logits: Tensor, labels: Tensor) -> dict[str, float]:
+    """Every official metric of the task by its own name, from logits (argmax, or the value for regression):
+    ``{"f1": .., "accuracy": ..}`` for MRPC and QQP, ``{"pearson": .., "spearman": ..}`` for STS-B.
 
     For ``perplexity`` (causal LM), ``logits`` are :func:`~fedlora.sim.client.predict`'s per-example
     ``(summed loss, target tokens)`` rows and the result is ``exp`` of the mean loss per target token
@@ -159,6 +160,11 @@ def score(data: FederatedData, logits: Tensor, labels: Tensor) -> float:
     """
     if data.metric == PERPLEXITY:
         mean = mean_token_loss(logits)
-        return float("inf") if mean > 700 else math.exp(mean)  # NaN stays NaN
+        return {PERPLEXITY: float("inf") if mean > 700 else math.exp(mean)}  # NaN stays NaN
     preds = logits.squeeze(-1) if data.num_labels == 1 else logits.argmax(-1)
-    return primary_score(compute_metric(data.metric, preds.cpu().numpy(), torch.as_tensor(labels).cpu().numpy()))
+    return compute_metric(data.metric, preds.cpu().numpy(), torch.as_tensor(labels).cpu().numpy())
+
+
+def score(data: FederatedData, logits: Tensor, labels: Tensor) -> float:
+    """The task's single number: its metric, or the mean of its metrics (:func:`fedlora.data.score_name`)."""
+    return primary_score(metric_values(data, logits, labels))

@@ -22,6 +22,7 @@ import torch
 from .. import adapters, checkpoint, seeds
 from ..aggregators import AGGREGATORS, Aggregator, get_aggregator, method_options
 from ..config import RunConfig, TrainConfig
+from ..data import primary_score, score_name
 from ..protocol import CorrectionHistory, TrainSettings
 from ..protocol.hierfedlora import HierFedLoRA
 from ..protocol.runtime import Runtime
@@ -30,7 +31,7 @@ from ..runlog import HIER_FILE, MetricsWriter, append_jsonl, keep_jsonl_through
 from ..types import LowRank, ModuleState
 from .client import ClientData, predict
 from .clock import Clock, client_ranks, mean_lengths
-from .data import FederatedData, build_federated_data, score
+from .data import FederatedData, build_federated_data, metric_values, score
 from .dp import calibrated_rounds, check_privacy, client_dp, poisson_clients, privacy_ledger
 from .hierarchy import build_hierarchy, hier_options
 from .host import ModelHost
@@ -280,7 +281,8 @@ class Simulation:
         """Global model on the dev split, and on the local test splits of ``local_clients``."""
         d = self.data
         logits, loss = predict(self.model, d.dev, np.arange(d.dev_size), self.cfg.eval.batch_size)
-        out = {"metric_name": d.metric, "metric": score(d, logits, d.dev["labels"]), "eval_loss": loss}
+        values = metric_values(d, logits, d.dev["labels"])
+        out = {"metric_name": score_name(values), "metric": primary_score(values), "metrics": values, "eval_loss": loss}
         if self.cfg.eval.local:
             values = []
             for cid in local_clients:
