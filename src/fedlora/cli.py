@@ -1,4 +1,5 @@
-"""The ``fedlora`` command line: run, compare, export, verify, methods, deploy (in :mod:`fedlora.cli_flower`).
+"""The ``fedlora`` command line: run, compare, export, verify, methods; deploy (:mod:`fedlora.cli_flower`);
+sweep and report (:mod:`fedlora.cli_results`).
 
     fedlora run [CONFIG] [key.path=value ...] [--resume DIR] [--engine inprocess|flower]
     fedlora deploy [CONFIG] [key.path=value ...] [--nodes N] [--resume DIR]
@@ -6,6 +7,8 @@
     fedlora export RUN_DIR --out DIR [--merged] [--rank R]
     fedlora verify RUN_DIR
     fedlora methods
+    fedlora sweep SWEEP.yaml [--out DIR]
+    fedlora report DIR
 
 Every user error (config, data, model name, method option, a damaged checkpoint) ends with one line on
 stderr naming what is wrong, and exit code 2; the library raises ``ValueError`` (or ``OSError`` for files)
@@ -376,9 +379,10 @@ def list_methods() -> None:
 def main() -> None:
     import warnings
 
-    from .cli_flower import register_commands
+    from . import cli_flower, cli_results
 
-    register_commands(app)
+    cli_flower.register_commands(app)
+    cli_results.register_commands(app)
 
     import click
 

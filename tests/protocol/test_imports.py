@@ -137,13 +137,13 @@ LAYERS = [
     ["fedlora.protocol"],
     ["fedlora.partition"],  # its registry's signatures define the config's partition options
     ["fedlora.config"],
-    ["fedlora.data", "fedlora.checkpoint", "fedlora.runlog"],
-    ["fedlora.report", "fedlora.report_costs"],
+    ["fedlora.data", "fedlora.checkpoint", "fedlora.runlog", "fedlora.sweep"],
+    ["fedlora.report", "fedlora.report_costs", "fedlora.report_dir", "fedlora.report_dir_plots"],
     ["fedlora.adapters"],
     ["fedlora.sim"],
     ["fedlora.flower"],  # the only package that imports flwr
     ["fedlora.export"],
-    ["fedlora.cli", "fedlora.cli_flower"],
+    ["fedlora.cli", "fedlora.cli_flower", "fedlora.cli_results"],
 ]
 
 

@@ -73,7 +73,8 @@ def _encode_instructions(dataset, tokenizer, max_length: int, split: str) -> dic
 def load_dataset_for(data: DataConfig, seed: int, task_type: str = "seq_cls"):
     """Train and dev splits for the configured source (task name, ``hub:owner/name`` or a file).
 
-    A single local file without ``data.dev`` gives up a seeded 10% as the dev split. For ``causal_lm`` the
+    A single local file without ``data.dev`` gives up a seeded 10% as the dev split. With
+    ``data.validation_fraction`` a seeded fraction of train is held out and evaluated on instead of dev. For ``causal_lm`` the
     source is instruction data (:func:`~fedlora.data.load_instructions`); its prompt and response columns
     are ``data.text_column`` and ``data.text_pair_column`` (default ``prompt`` and ``response``).
     """
@@ -93,6 +94,11 @@ def load_dataset_for(data: DataConfig, seed: int, task_type: str = "seq_cls"):
             return load_source(source, split, data.data_dir, max_examples, seed, **columns)
 
     train = load(data.task, "train", data.max_train_examples)
+    if data.validation_fraction:  # held out of training; the dev split is never read
+        order = np.random.default_rng([seed, 13]).permutation(len(train))
+        cut = max(1, round(len(train) * data.validation_fraction))
+        held = order[:cut] if not data.max_eval_examples else order[:min(cut, data.max_eval_examples)]
+        return train.subset(order[cut:]), train.subset(held)
     if data.dev:
         return train, load(data.dev, "dev", data.max_eval_examples)
     if Path(data.task).suffix.lower() in SUFFIXES:

@@ -1,0 +1,129 @@
+"""``fedlora sweep``: the grid, the centralized ceiling, the validation split, and a sweep killed midway that
+finishes only its missing cells with the numbers of an uninterrupted sweep (the real CLI, SIGKILL)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from engine_fixtures import tiny_overrides
+from fedlora.sweep import load_sweep, parse_method, plan_cells
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _sweep_file(tmp_path: Path, assets, out: Path, **extra) -> Path:
+    model, tsv = assets
+    base = [o for o in tiny_overrides(model, tsv, out / "unused", "fedex", 2) if not o.startswith("output_dir")]
+    spec = {"overrides": base, "out": str(out), "methods": ["centralized", "fedex", "fra_fold=fra:fold_tail=true"],
+            "partitions": {"iid": ["partition.scheme=iid"],
+                           "dir0.5": ["partition.scheme=dirichlet", "partition.options.alpha=0.5"]},
+            "seeds": [0, 1], **extra}
+    path = tmp_path / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_method_items():
+    assert parse_method("fedex").label == "fedex"
+    m = parse_method("fra_fold=fra:fold_tail=true:ffa_after=2")
+    assert (m.label, m.name) == ("fra_fold", "fra")
+    assert m.overrides == ("federation.method_options.fold_tail=true", "federation.method_options.ffa_after=2")
+    assert parse_method("hetlora:prune_threshold=0.05").label == "hetlora"
+    with pytest.raises(ValueError, match="expected name"):
+        parse_method("fra:fold_tail")
+
+
+def test_the_grid_and_the_centralized_ceiling(assets, tmp_path):
+    from fedlora.sweep import cell_config
+
+    spec = load_sweep(_sweep_file(tmp_path, assets, tmp_path / "grid", lrs=[0.01, 0.001]))
+    cells = plan_cells(spec)
+    assert len(cells) == 3 * 2 * 2 * 2  # methods x partitions x lrs x seeds
+    central = [c for c in cells if c.keys["method"] == "centralized"]
+    assert len({c.dir for c in central}) == 4  # one run per seed and lr, shared by both partitions
+    cfg = cell_config(spec, central[0])
+    assert cfg.partition.num_clients == 1 and cfg.federation.clients_per_round == 1
+    assert cfg.train.local_steps == 3 * 3  # clients_per_round x local_steps of the federation
+    fra = cell_config(spec, next(c for c in cells if c.keys["method"] == "fra_fold"))
+    assert fra.federation.method == "fra" and fra.federation.method_options == {"fold_tail": True}
+    assert {c.keys["lr"] for c in cells} == {0.01, 0.001}
+    assert len({c.name for c in cells if c.keys["method"] != "centralized"}) == 16
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("methods: []\nseeds: [0]", "methods must be a non-empty list"),
+    ("methods: [fedit]\nseeds: [0]\nmethod: x", "unknown key 'method'"),
+    ("methods: [fedit, fedit]\nseeds: [0]", "listed twice"),
+    ("methods: [fedit]\nseeds: [zero]", "whole numbers"),
+    ("methods: [fedit]\nseeds: [0]\nconfig: nowhere.yaml", "does not exist"),
+])
+def test_a_bad_sweep_file_is_one_line(tmp_path, text, fragment):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError) as err:
+        load_sweep(path)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_validation_fraction_is_held_out_of_training(assets, tmp_path):
+    from fedlora.config import load_config
+    from fedlora.sim.data import load_dataset_for
+
+    model, tsv = assets
+    cfg = load_config(None, [*tiny_overrides(model, tsv, tmp_path / "v"), "data.validation_fraction=0.25"])
+    train, held = load_dataset_for(cfg.data, seed=0)
+    whole, _ = load_dataset_for(load_config(None, tiny_overrides(model, tsv, tmp_path / "w")).data, seed=0)
+    assert len(held) == round(0.25 * (len(train) + len(held)))
+    assert sorted(train.texts + held.texts) == sorted(whole.texts + _.texts) or len(train) + len(held) <= len(whole) + len(_)
+    assert not set(zip(train.texts, train.labels)) & set(zip(held.texts, held.labels)) or len(set(train.texts)) < len(train)
+
+
+def _cli(*args, cwd: Path, wait: bool = True):
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "FORCE_COLOR")} | OFFLINE
+    argv = [sys.executable, "-m", "fedlora.cli", *map(str, args)]
+    if wait:
+        return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _numbers(out: Path) -> dict[str, list]:
+    cells = json.loads((out / "sweep.json").read_text())["cells"]
+    return {c["name"]: [(r["round"], r["metric"], r["eval_loss"], r.get("agg_error"))
+                        for r in map(json.loads, (out / c["dir"] / "metrics.jsonl").read_text().splitlines())]
+            for c in cells}
+
+
+def test_a_killed_sweep_finishes_only_the_missing_cells_with_the_same_numbers(assets, tmp_path):
+    whole = tmp_path / "whole"
+    done = _cli("sweep", _sweep_file(tmp_path, assets, whole), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (whole / "report.md").exists()
+    manifest = json.loads((whole / "sweep.json").read_text())
+    assert {c["status"] for c in manifest["cells"]} == {"done"} and len(manifest["cells"]) == 12
+
+    cut = tmp_path / "cut"
+    spec = _sweep_file(tmp_path, assets, cut)
+    proc = _cli("sweep", spec, cwd=tmp_path, wait=False)
+    first, second = cut / "cells" / "centralized__s0", cut / "cells" / "centralized__s1"
+    deadline = time.monotonic() + 600
+    while not ((second / "metrics.jsonl").exists() and (second / "metrics.jsonl").read_text().count("\n") >= 1):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)  # mid-cell: round 1 of the second run is written, round 2 is not
+    proc.wait()
+    before = (first / "metrics.jsonl").stat().st_mtime_ns
+    again = _cli("sweep", spec, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "10 runs (1 done, 9 to run)" in again.stderr.replace("\n", " ")
+    assert (first / "metrics.jsonl").stat().st_mtime_ns == before  # the finished cell was not run again
+    assert _numbers(cut) == _numbers(whole)
