@@ -41,6 +41,11 @@ def test_method_items():
     assert parse_method("hetlora:prune_threshold=0.05").label == "hetlora"
     with pytest.raises(ValueError, match="expected name"):
         parse_method("fra:fold_tail")
+    m = parse_method({"label": "fra_lr", "method": "fra:fold_tail=true", "overrides": ["train.lr=0.002"]})
+    assert (m.label, m.name) == ("fra_lr", "fra")
+    assert m.overrides == ("federation.method_options.fold_tail=true", "train.lr=0.002")
+    with pytest.raises(ValueError, match="a mapping takes"):
+        parse_method({"method": "fedit", "lr": 1})
 
 
 def test_the_grid_and_the_centralized_ceiling(assets, tmp_path):
@@ -114,7 +119,7 @@ def test_a_killed_sweep_finishes_only_the_missing_cells_with_the_same_numbers(as
     cut = tmp_path / "cut"
     spec = _sweep_file(tmp_path, assets, cut)
     proc = _cli("sweep", spec, cwd=tmp_path, wait=False)
-    first, second = cut / "cells" / "centralized__s0", cut / "cells" / "centralized__s1"
+    first, second = cut / "cells" / "centralized__s0", cut / "cells" / "fedex__iid__s0"
     deadline = time.monotonic() + 600
     while not ((second / "metrics.jsonl").exists() and (second / "metrics.jsonl").read_text().count("\n") >= 1):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]

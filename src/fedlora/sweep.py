@@ -13,8 +13,9 @@ A sweep file (YAML)::
     ranks: [8]          # optional: lora.rank
     lrs: [0.005]        # optional: train.lr
 
-A method item is ``name``, ``name:key=value:...`` (method options) or ``label=name:key=value`` (a named
-variant). ``centralized`` is the ceiling every table needs: one client holding all the training data
+A method item is ``name``, ``name:key=value:...`` (method options), ``label=name:key=value`` (a named
+variant), or a mapping ``{label: fedit_lr, method: "fedit", overrides: [train.lr=0.002]}`` whose overrides
+apply to that method's cells only (a learning rate chosen per method). ``centralized`` is the ceiling every table needs: one client holding all the training data
 (``partition.num_clients=1``) that takes ``clients_per_round x local_steps`` steps a round, so it sees as
 many examples per round as the federation does; it does not depend on the partition, so it runs once per
 seed (and rank and rate) and every partition's cell points at that run.
@@ -70,8 +71,17 @@ class Cell:
     overrides: list[str]
 
 
-def parse_method(item: str) -> Method:
-    """``fedex``, ``hetlora:prune_threshold=0.05`` or ``fra_fold=fra:fold_tail=true``."""
+def parse_method(item) -> Method:
+    """``fedex``, ``hetlora:prune_threshold=0.05``, ``fra_fold=fra:fold_tail=true`` or a mapping with
+    ``method``, optional ``label`` and ``overrides``."""
+    if isinstance(item, dict):
+        unknown = sorted(set(item) - {"label", "method", "overrides"})
+        if unknown or "method" not in item or not isinstance(item.get("overrides", []), list):
+            raise ValueError(f"methods: {item!r}: a mapping takes method, label and overrides (a list)")
+        inner = parse_method(str(item["method"]))
+        return Method(str(item.get("label") or inner.label), inner.name,
+                      inner.overrides + tuple(str(o) for o in item.get("overrides", [])))
+    item = str(item)
     label, _, spec = item.partition("=") if "=" in item.split(":")[0] else (None, "", item)
     name, *options = spec.strip().split(":")
     bad = [o for o in options if "=" not in o]
@@ -98,7 +108,7 @@ def load_sweep(path: str | Path, out: str | None = None) -> SweepSpec:
     partitions = raw.get("partitions") or {"default": []}
     if not isinstance(partitions, dict) or not all(isinstance(v, list) for v in partitions.values()):
         raise ValueError(f"{path}: partitions must map a label to a list of key=value overrides")
-    methods = [parse_method(str(m)) for m in raw["methods"]]
+    methods = [parse_method(m) for m in raw["methods"]]
     labels = [m.label for m in methods]
     if len(set(labels)) != len(labels):
         raise ValueError(f"{path}: a method label is listed twice ({', '.join(labels)})")
@@ -135,35 +145,39 @@ def centralized_overrides(cfg: RunConfig) -> list[str]:
 
 
 def plan_cells(spec: SweepSpec, data_dir: str | None = None) -> list[Cell]:
-    """Every cell of the grid, in a fixed order (methods outermost, seeds innermost)."""
+    """Every cell of the grid, seeds outermost: a sweep stopped early holds whole tables for its first seeds."""
     cells = []
-    for method in spec.methods:
+    for seed in spec.seeds:
         for part_label, part in spec.partitions.items():
             for rank in spec.ranks or [None]:
                 for lr in spec.lrs or [None]:
-                    for seed in spec.seeds:
-                        keys = {"method": method.label, "partition": part_label, "seed": seed}
-                        grid = [f"seed={seed}"]
-                        if rank is not None:
-                            keys["rank"] = rank
-                            grid += [f"lora.rank={rank}", f"lora.alpha={2 * rank}"]
-                        if lr is not None:
-                            keys["lr"] = lr
-                            grid.append(f"train.lr={lr}")
-                        reset = ["partition.options={}"] if part else []  # a scheme's own options only
-                        base = [*spec.overrides, *reset, *part, *grid]
-                        if method.name == CENTRALIZED:
-                            cfg = load_config(spec.config, base)
-                            name = f"{CENTRALIZED}__{_tag(keys, spec)}"
-                            overrides = [*base, *centralized_overrides(cfg)]
-                        else:
-                            name = f"{method.label}__{part_label}__{_tag(keys, spec)}"
-                            overrides = [*base, f"federation.method={method.name}", "federation.method_options={}",
-                                         *method.overrides]
-                        if data_dir:
-                            overrides.append(f"data.data_dir={data_dir}")
-                        cells.append(Cell(name, spec.out / "cells" / name, keys, overrides))
+                    for method in spec.methods:
+                        cells.append(_cell(spec, method, part_label, part, seed, rank, lr, data_dir))
     return cells
+
+
+def _cell(spec: SweepSpec, method: Method, part_label: str, part: list[str], seed: int, rank, lr,
+          data_dir: str | None) -> Cell:
+    keys = {"method": method.label, "partition": part_label, "seed": seed}
+    grid = [f"seed={seed}"]
+    if rank is not None:
+        keys["rank"] = rank
+        grid += [f"lora.rank={rank}", f"lora.alpha={2 * rank}"]
+    if lr is not None:
+        keys["lr"] = lr
+        grid.append(f"train.lr={lr}")
+    reset = ["partition.options={}"] if part else []  # a scheme's own options only
+    base = [*spec.overrides, *reset, *part, *grid]
+    if method.name == CENTRALIZED:
+        base = [*base, *method.overrides]
+        name = f"{method.label}__{_tag(keys, spec)}"
+        overrides = [*base, *centralized_overrides(load_config(spec.config, base))]
+    else:
+        name = f"{method.label}__{part_label}__{_tag(keys, spec)}"
+        overrides = [*base, f"federation.method={method.name}", "federation.method_options={}", *method.overrides]
+    if data_dir:
+        overrides.append(f"data.data_dir={data_dir}")
+    return Cell(name, spec.out / "cells" / name, keys, overrides)
 
 
 def cell_config(spec: SweepSpec, cell: Cell) -> RunConfig:
