@@ -46,7 +46,7 @@ def test_recipe_method_options_build_the_method(path):
         HierOptions(**fed.method_options).rules(0)
     else:
         get_aggregator(fed.method, **fed.method_options)
-    assert path.parent.name in (fed.method, "hetero_ranks", "privacy"), \
+    assert path.parent.name in (fed.method, "hetero_ranks", "privacy", "results"), \
         "recipes/configs/<method>/ holds that method's recipes"
 
 
@@ -76,3 +76,14 @@ def test_hexa_recipe_is_the_default_experiment():
     default = load_config()
     default.federation.method_options = method_options("hexa")
     assert recipe == default
+
+
+SWEEPS = sorted((ROOT / "recipes" / "sweeps").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.name for p in SWEEPS])
+def test_sweep_recipes_plan_their_cells(path):
+    from fedlora.sweep import load_sweep, plan_cells
+
+    assert path.read_text().splitlines()[0].startswith(f"# fedlora sweep {path.relative_to(ROOT).as_posix()}")
+    assert plan_cells(load_sweep(path))
