@@ -6,6 +6,9 @@
 
 What is measured
 ----------------
+**Path**: the library picks the factored path, or the dense one when ``K r`` reaches
+``lowrank.DENSE_FRACTION`` of ``min(d_out, d_in)`` (same results); the grid table says which each point took.
+
 **Grid** (``d x d`` modules, ``d`` in {768, 2048, 4096}, ``K`` in {3, 10, 50} clients, LoRA rank ``r`` in
 {8, 16}, float32, plus the ``11008 x 4096`` MLP shape of the model below at ``K=10, r=16``). Clients hold
 ``B_k = B0 + noise``, ``A_k = A0 + noise`` (a shared direction plus client drift, so the top-``r`` subspace is
@@ -273,8 +276,10 @@ def worker_config(task: dict) -> dict:
         "tail_rel_norm": norm(tail_dense) / max(norm(H_dense + tail_dense), 1e-30),
         "fra_aggregation_error": float(res.error),
     }
+    stacked = lowrank.concat([u.factors["m"].as_lowrank() for u in updates])
     return {
         "d_out": d_out, "d_in": d_in, "K": K, "r": r, "label": task.get("label", ""),
+        "path": "dense" if lowrank.prefers_dense(stacked) else "factored",  # the library's choice for M
         "time_s": {k: statistics.median(v) for k, v in times.items()},
         "time_min_s": {k: min(v) for k, v in times.items()},
         "time_samples_s": times,
@@ -458,7 +463,7 @@ def _grid_table(rows: list[dict]):
 
     table = Table(title="Factored (FRA fold_tail aggregate / bare truncated SVD) vs dense reference, float32",
                   show_lines=False)
-    for col, just in [("d_out x d_in", "right"), ("K", "right"), ("r", "right"),
+    for col, just in [("d_out x d_in", "right"), ("K", "right"), ("r", "right"), ("path", "left"),
                       ("aggregate ms", "right"), ("truncate ms", "right"), ("dense ms", "right"),
                       ("speed agg", "right"), ("speed svd", "right"),
                       ("peak agg MiB", "right"), ("peak svd MiB", "right"), ("peak dense MiB", "right"),
@@ -468,14 +473,14 @@ def _grid_table(rows: list[dict]):
     for res in rows:
         if "error" in res:
             t = res["task"]
-            table.add_row(f"{t['d_out']}x{t['d_in']}", str(t["K"]), str(t["r"]), "[red]failed[/red]",
+            table.add_row(f"{t['d_out']}x{t['d_in']}", str(t["K"]), str(t["r"]), "-", "[red]failed[/red]",
                           *["-"] * 11)
             continue
         t, m, q, a = res["time_s"], res["peak_bytes"], res["ratios"], res["agreement"]
         lb = q["memory_ratio_is_lower_bound"]
         rel = max(a["head_rel_diff_truncate"], a["head_rel_diff_aggregate"])
         table.add_row(
-            f"{res['d_out']}x{res['d_in']}", str(res["K"]), str(res["r"]),
+            f"{res['d_out']}x{res['d_in']}", str(res["K"]), str(res["r"]), res.get("path", "?"),
             _fmt_ms(t["aggregate"]), _fmt_ms(t["truncate"]), _fmt_ms(t["dense"]),
             _fmt_ratio(q["speed_dense_over_aggregate"]), _fmt_ratio(q["speed_dense_over_truncate"]),
             _fmt_mib(m["aggregate"]), _fmt_mib(m["truncate"]), _fmt_mib(m["dense"]),

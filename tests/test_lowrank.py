@@ -390,3 +390,23 @@ def test_fold_into_low_precision_weight_accumulates_in_float32():
     out = lowrank.fold_into_weight(W, corr, "linear")
     assert out.dtype == torch.bfloat16
     assert torch.equal(out.float(), torch.full((2, 2), 1.5))
+
+
+@pytest.mark.parametrize("k", [4, 30, 60, 90])
+def test_dense_and_factored_paths_agree_with_a_dense_float64_reference(monkeypatch, k):
+    """Whichever path :func:`lowrank.prefers_dense` picks, svd, truncate and the norm match numpy-free dense
+    float64 results (the path is forced both ways)."""
+    g = torch.Generator().manual_seed(k)
+    x = LowRank(torch.randn(70, k, generator=g, dtype=torch.float64), torch.randn(k, 50, generator=g, dtype=torch.float64))
+    dense = x.left @ x.right
+    ref_s = torch.linalg.svdvals(dense)
+    for fraction in (0.0, math.inf):  # 0: always dense; inf: always factored
+        monkeypatch.setattr(lowrank, "DENSE_FRACTION", fraction)
+        assert lowrank.prefers_dense(x) == (fraction == 0.0)
+        u, s, vh = lowrank.svd(x)
+        assert s.numel() == min(k, 50)
+        assert torch.allclose(s, ref_s[: s.numel()], rtol=1e-12, atol=1e-10)
+        assert torch.allclose((u * s) @ vh, dense, atol=1e-10)
+        head, tail, _ = lowrank.truncate(x, 3)
+        assert torch.allclose(head.left @ head.right + tail.left @ tail.right, dense, atol=1e-10)
+        assert lowrank.frobenius_norm(x) == pytest.approx(float(dense.norm()), rel=1e-12)

@@ -37,6 +37,17 @@ def subtract(a: LowRank, b: LowRank) -> LowRank:
     return concat([a, b], [1.0, -1.0])
 
 
+DENSE_FRACTION = 0.4
+"""When the inner dimension ``k`` reaches this fraction of ``min(m, n)``, forming ``L R`` is cheaper than the
+two QRs of the factored path, in time and in memory (``benchmarks/aggregation.py`` measures both paths)."""
+
+
+def prefers_dense(x: LowRank) -> bool:
+    """Whether :func:`svd` and :func:`frobenius_norm` take the dense path for ``x`` (same results)."""
+    m, n = x.shape
+    return x.rank >= DENSE_FRACTION * min(m, n)
+
+
 def _core(x: LowRank) -> tuple[Tensor, Tensor, Tensor]:
     """Thin QRs of both factors: ``x = Q1 @ core @ Q2^T``."""
     q1, r1 = torch.linalg.qr(x.left)
@@ -45,10 +56,18 @@ def _core(x: LowRank) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def svd(x: LowRank) -> tuple[Tensor, Tensor, Tensor]:
-    """Thin SVD ``x = U diag(S) Vh`` through the small core; ``len(S) <= min(k, m, n)``."""
+    """Thin SVD ``x = U diag(S) Vh`` through the small core; ``len(S) <= min(k, m, n)``.
+
+    When ``k`` is close to ``min(m, n)`` (:func:`prefers_dense`) the product is formed and decomposed
+    directly: the small core would be nearly as large, after two QRs of the factors.
+    """
     if x.rank == 0:
         m, n = x.shape
         return x.left.new_zeros(m, 0), x.left.new_zeros(0), x.right.new_zeros(0, n)
+    if prefers_dense(x):
+        keep = min(x.rank, *x.shape)
+        u, s, vh = torch.linalg.svd(x.left @ x.right, full_matrices=False)
+        return u[:, :keep], s[:keep], vh[:keep]
     q1, core, q2 = _core(x)
     u, s, vh = torch.linalg.svd(core, full_matrices=False)
     return q1 @ u, s, vh @ q2.mT
@@ -65,6 +84,9 @@ def frobenius_norm(x: LowRank) -> float:
     if x.rank == 0:
         return 0.0
     m, n = x.shape
+    if prefers_dense(x):  # the product a block of rows at a time, in x's precision (float64 where it matters)
+        rows = max(1, (1 << 20) // n)
+        return math.sqrt(sum(float((block @ x.right).double().square().sum()) for block in x.left.split(rows)))
     if m <= n:
         reduced = torch.linalg.qr(x.left, mode="r").R @ x.right
     else:
