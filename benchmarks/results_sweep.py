@@ -11,6 +11,8 @@
 2. **The sweep** per task (SST-2, CoLA, AG News): the ten methods at their rates x IID, Dirichlet 0.5,
    Dirichlet 0.1 and FRA's class-imbalanced split x seeds 0, 1, 2, on the dev set; ``runs/results/<task>``
    with its ``report.md``. The generated sweep files are written beside them (``runs/results/<task>.yaml``).
+3. **The claims** (``benchmarks/results_claims.py``): each seed paper's claim as a comparison over the cells,
+   with a verdict (held, did not hold, within noise), in ``docs/results_claims.md``.
 
 The base run (``recipes/configs/results/minilm_base.yaml``): MiniLM, LoRA rank 8, 10 clients, 3 per round,
 8 rounds of 8 local steps at batch 16; the centralized ceiling takes 24 steps a round on all the data.
@@ -113,8 +115,12 @@ def main() -> None:
     choice = choose_rates()
     print("learning rates:", choice, flush=True)
     if opts.phase in ("all", "sweep"):
-        for task in opts.tasks.split(","):
+        tasks = opts.tasks.split(",")
+        for task in tasks:
             _sweep(main_spec(task, choice), _data_dir(task))
+        subprocess.run([str(ROOT / ".venv" / "bin" / "python"), str(ROOT / "benchmarks" / "results_claims.py"),
+                        *[str(OUT / t) for t in tasks], "--out", str(ROOT / "docs" / "results_claims.md")],
+                       check=True, cwd=ROOT)
     print(f"wall time of this invocation: {(time.perf_counter() - t0) / 3600:.2f} h")
 
 
