@@ -199,7 +199,8 @@ def test_labels_mask_prompt_and_padding(assets, tmp_path, arch):
                     + json.dumps({"prompt": "add 12 and 3 and 1:", "response": "16"}) + "\n")
     cfg = _cfg(assets, arch, tmp_path / "run",
                [f"data.task={data}", f"data.dev={data}", "partition.num_clients=1",
-                "federation.clients_per_round=1", "partition.local_test_fraction=0"])
+                "federation.clients_per_round=1", "partition.local_test_fraction=0",
+                "data.prompt_template=none"])  # the prompts verbatim: the token ids below are written by hand
     fed = build_federated_data(cfg, tmp_path / "run")
     assert fed.metric == "perplexity" and fed.histograms["0"].tolist() == [2]
     assert json.loads((tmp_path / "run" / "label_histograms.json").read_text())["counts"] == [[2]]

@@ -79,6 +79,9 @@ class DataConfig(_Section):
     label_column: str | None = Field(None, description="label column of a file or hub dataset")
     max_train_examples: int | None = Field(20000, ge=1, description="subsample of the train split (seeded)")
     max_eval_examples: int | None = Field(None, ge=1, description="subsample of the dev split; None: all")
+    prompt_template: Literal["auto", "chat", "plain", "none"] = Field(
+        "auto", description="causal_lm: chat (the tokenizer's chat template), plain ('### Instruction:' ... "
+        "'### Response:'), none (the prompt verbatim) or auto (chat if the tokenizer has one, else plain)")
     validation_fraction: float | None = Field(
         None, gt=0, lt=1, description="evaluate on this seeded fraction of the training data, held out from "
         "every client, instead of the dev split (to choose hyperparameters without the dev set); None: dev")

@@ -113,7 +113,7 @@ def collate(features: Sequence[dict], pad_token_id: int = 0,
 
 
 def encode_instructions(prompts: Sequence[str], responses: Sequence[str], tokenizer, max_length: int = 512,
-                        add_eos: bool = True) -> dict[str, Tensor]:
+                        add_eos: bool = True, prompt_special_tokens: bool = True) -> dict[str, Tensor]:
     """Tokenize prompt + response pairs for causal-LM fine-tuning, loss on the response only.
 
     Prompt and response are tokenized separately and concatenated (so the prompt/response boundary is
@@ -133,6 +133,8 @@ def encode_instructions(prompts: Sequence[str], responses: Sequence[str], tokeni
         Longest sequence kept.
     add_eos : bool (default: True)
         Append the EOS token to each response (if the tokenizer has one).
+    prompt_special_tokens : bool (default: True)
+        Let the tokenizer add its special tokens (BOS) to the prompt; False when a chat template wrote them.
 
     Returns
     -------
@@ -142,7 +144,7 @@ def encode_instructions(prompts: Sequence[str], responses: Sequence[str], tokeni
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    prompt_ids = tokenizer(list(prompts))["input_ids"]
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=prompt_special_tokens)["input_ids"]
     response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
     eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
     sequences, targets = [], []

@@ -25,6 +25,7 @@ from ..config import DataConfig, RunConfig
 from ..data import (
     PERPLEXITY, compute_metric, encode, encode_instructions, load_instructions, load_source, primary_score,
 )
+from ..data.instructions import format_prompts
 from ..data.readers import SUFFIXES
 from ..partition import PartitionError, client_test_split, label_histograms, partition_labels, save_histograms
 from .client import mean_token_loss
@@ -47,6 +48,8 @@ class FederatedData:
     train: dict[str, Tensor] = field(default_factory=dict)
     dev: dict[str, Tensor] = field(default_factory=dict)
     task_type: str = "seq_cls"
+    prompt_template: str = "auto"
+    dev_prompts: list[str] = field(default_factory=list)  # causal LM: the formatted dev prompts (generation)
 
     @property
     def dev_size(self) -> int:
@@ -54,15 +57,19 @@ class FederatedData:
 
     def encode(self, tokenizer, max_length: int) -> None:
         if self.task_type == CAUSAL_LM:  # right-padded; labels -100 on prompt and padding
-            self.train = _encode_instructions(self.train_set, tokenizer, max_length, "train")
-            self.dev = _encode_instructions(self.dev_set, tokenizer, max_length, "dev")
+            self.train = _encode_instructions(self.train_set, tokenizer, max_length, "train", self.prompt_template)
+            self.dev = _encode_instructions(self.dev_set, tokenizer, max_length, "dev", self.prompt_template)
+            self.dev_prompts = format_prompts(self.dev_set.texts, tokenizer, self.prompt_template)
         else:
             self.train = encode(self.train_set, tokenizer, max_length)
             self.dev = encode(self.dev_set, tokenizer, max_length)
 
 
-def _encode_instructions(dataset, tokenizer, max_length: int, split: str) -> dict[str, Tensor]:
-    encoded = encode_instructions(dataset.texts, dataset.text_pairs, tokenizer, max_length)
+def _encode_instructions(dataset, tokenizer, max_length: int, split: str, template: str) -> dict[str, Tensor]:
+    prompts = format_prompts(dataset.texts, tokenizer, template)
+    # a chat template writes its own special tokens (BOS) into the text
+    chat = template == "chat" or (template == "auto" and bool(getattr(tokenizer, "chat_template", None)))
+    encoded = encode_instructions(prompts, dataset.text_pairs, tokenizer, max_length, prompt_special_tokens=not chat)
     empty = int(((encoded["labels"] != -100).sum(1) == 0).sum())
     if empty:
         log.warning("%s split: %d of %d examples keep no response token within model.max_length=%d "
@@ -79,8 +86,8 @@ def load_dataset_for(data: DataConfig, seed: int, task_type: str = "seq_cls"):
     are ``data.text_column`` and ``data.text_pair_column`` (default ``prompt`` and ``response``).
     """
     if task_type == CAUSAL_LM:
-        columns = {"prompt_column": data.text_column or "prompt",
-                   "response_column": data.text_pair_column or "response"}
+        columns = {"prompt_column": data.text_column, "response_column": data.text_pair_column,
+                   "label_column": data.label_column}
 
         def load(source, split, max_examples):
             return load_instructions(source, split=split, max_examples=max_examples, seed=seed, **columns)
@@ -114,9 +121,9 @@ def load_dataset_for(data: DataConfig, seed: int, task_type: str = "seq_cls"):
 def build_federated_data(cfg: RunConfig, run_dir: Path) -> FederatedData:
     causal = cfg.model.task_type == CAUSAL_LM
     part = cfg.partition
-    if causal and part.scheme not in LABEL_FREE_SCHEMES:  # before reading any data
+    if causal and part.scheme not in LABEL_FREE_SCHEMES and not cfg.data.label_column:  # before reading data
         raise ValueError(f"partition.scheme: {part.scheme!r} needs class labels; model.task_type=causal_lm "
-                         f"data has none (use {' or '.join(LABEL_FREE_SCHEMES)})")
+                         f"data has none (use {' or '.join(LABEL_FREE_SCHEMES)}, or name a kind column in data.label_column)")
     train_set, dev_set = load_dataset_for(cfg.data, cfg.seed, cfg.model.task_type)
     labels = np.asarray(train_set.labels)
     if train_set.is_regression:
@@ -134,7 +141,9 @@ def build_federated_data(cfg: RunConfig, run_dir: Path) -> FederatedData:
         train_idx[cid], test_idx[cid] = client_test_split(idx, part.local_test_fraction, cfg.seed + int(cid))
         if len(train_idx[cid]) == 0:
             raise ValueError(f"partition: client {cid} has no training examples; use fewer clients or more data")
-    if causal:  # no labels: one bin, the client sizes
+    if causal and train_set.label_names:  # the kinds of instruction named by data.label_column
+        n_classes, names = len(train_set.label_names), list(train_set.label_names)
+    elif causal:  # no labels: one bin, the client sizes
         n_classes, names = 1, ["examples"]
     elif train_set.is_regression:
         n_classes, names = 4, [f"q{i + 1}" for i in range(4)]
@@ -153,6 +162,7 @@ def build_federated_data(cfg: RunConfig, run_dir: Path) -> FederatedData:
         num_labels=train_set.num_labels,
         metric=train_set.metric,
         task_type=cfg.model.task_type,
+        prompt_template=cfg.data.prompt_template,
     )
 
 
