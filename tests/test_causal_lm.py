@@ -261,3 +261,47 @@ def test_gpt2_export_loads_in_stock_peft_with_same_logits(assets, gpt2_run, tmp_
     merged = export_run(run_dir, tmp_path / "merged", merged=True).path
     got = _logits(AutoModelForCausalLM.from_pretrained(merged), inputs)
     assert torch.allclose(got[mask], expected[mask], atol=1e-5, rtol=0), (got - expected)[mask].abs().max()
+
+
+def test_generation_metrics_by_hand():
+    from fedlora.sim.generation import generation_metrics
+
+    # "a c" against "a b c": LCS 2, precision 2/2, recall 2/3, F = 0.8; the other pair matches exactly
+    got = generation_metrics(["a c", " x  y "], ["a b c", "x y"])
+    assert got["exact_match"] == 0.5
+    assert got["rouge_l"] == pytest.approx((0.8 + 1.0) / 2)
+
+
+def test_records_carry_exact_match_rouge_and_samples(gpt2_run):
+    sim, records, run_dir = gpt2_run
+    for r in records:
+        assert set(r["metrics"]) == {"perplexity", "exact_match", "rouge_l"}
+        assert 0.0 <= r["metrics"]["exact_match"] <= 1.0 and 0.0 <= r["metrics"]["rouge_l"] <= 1.0
+    rows = [json.loads(line) for line in (run_dir / "generations" / "round_0002.jsonl").read_text().splitlines()]
+    assert len(rows) == min(5, sim.data.dev_size)
+    assert rows[0]["prompt"].startswith("### Instruction:\n") and rows[0]["reference"] == sim.data.dev_set.text_pairs[0]
+
+
+def test_the_exported_adapter_generates_the_same_tokens_in_stock_peft(assets, gpt2_run, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from fedlora.export import export_run
+
+    sim, _, run_dir = gpt2_run
+    tokenizer = sim.tokenizer
+    tokenizer.padding_side = "left"
+    batch = tokenizer(sim.data.dev_prompts[:8], return_tensors="pt", padding=True)
+    tokenizer.padding_side = "right"
+
+    def tokens(model):  # 12 greedy tokens, never stopped early, so every position is compared
+        model.eval()
+        with torch.no_grad():
+            return model.generate(**batch, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+
+    want = tokens(sim.model)
+    out = export_run(run_dir, tmp_path / "adapter").path
+    got = tokens(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets["gpt2"]), out))
+    assert want.shape[1] == batch["input_ids"].shape[1] + 12
+    assert torch.equal(got, want)

@@ -225,6 +225,11 @@ class EvalConfig(_Section):
     target: float | None = Field(
         None, description="metric value whose first reach is reported in simulated time, bytes and rounds"
     )
+    generate_examples: int = Field(
+        32, ge=0, description="causal_lm: dev prompts answered greedily each evaluation for exact match and "
+        "ROUGE-L (0: perplexity only)")
+    max_new_tokens: int = Field(32, ge=1, description="causal_lm: longest generated answer, in tokens")
+    samples: int = Field(5, ge=0, description="causal_lm: answers written to generations/round_NNNN.jsonl")
 
 
 class PrivacySection(_Section):

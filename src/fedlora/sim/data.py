@@ -50,6 +50,7 @@ class FederatedData:
     task_type: str = "seq_cls"
     prompt_template: str = "auto"
     dev_prompts: list[str] = field(default_factory=list)  # causal LM: the formatted dev prompts (generation)
+    prompt_special_tokens: bool = True  # False when a chat template writes the special tokens itself
 
     @property
     def dev_size(self) -> int:
@@ -60,16 +61,21 @@ class FederatedData:
             self.train = _encode_instructions(self.train_set, tokenizer, max_length, "train", self.prompt_template)
             self.dev = _encode_instructions(self.dev_set, tokenizer, max_length, "dev", self.prompt_template)
             self.dev_prompts = format_prompts(self.dev_set.texts, tokenizer, self.prompt_template)
+            self.prompt_special_tokens = not _uses_chat(tokenizer, self.prompt_template)
         else:
             self.train = encode(self.train_set, tokenizer, max_length)
             self.dev = encode(self.dev_set, tokenizer, max_length)
 
 
+def _uses_chat(tokenizer, template: str) -> bool:
+    """Whether prompts go through the chat template (which writes its own special tokens, BOS included)."""
+    return template == "chat" or (template == "auto" and bool(getattr(tokenizer, "chat_template", None)))
+
+
 def _encode_instructions(dataset, tokenizer, max_length: int, split: str, template: str) -> dict[str, Tensor]:
     prompts = format_prompts(dataset.texts, tokenizer, template)
-    # a chat template writes its own special tokens (BOS) into the text
-    chat = template == "chat" or (template == "auto" and bool(getattr(tokenizer, "chat_template", None)))
-    encoded = encode_instructions(prompts, dataset.text_pairs, tokenizer, max_length, prompt_special_tokens=not chat)
+    encoded = encode_instructions(prompts, dataset.text_pairs, tokenizer, max_length,
+                                  prompt_special_tokens=not _uses_chat(tokenizer, template))
     empty = int(((encoded["labels"] != -100).sum(1) == 0).sum())
     if empty:
         log.warning("%s split: %d of %d examples keep no response token within model.max_length=%d "

@@ -33,6 +33,7 @@ from .client import ClientData, predict
 from .clock import Clock, client_ranks, mean_lengths
 from .data import FederatedData, build_federated_data, metric_values, score
 from .dp import calibrated_rounds, check_privacy, client_dp, poisson_clients, privacy_ledger
+from .generation import evaluate_generation
 from .hierarchy import build_hierarchy, hier_options
 from .host import ModelHost
 from .runtimes import InProcessRuntime
@@ -260,7 +261,7 @@ class Simulation:
             record["epsilon_max"], record["dp_delta"] = max(record["epsilon"].values(), default=0.0), self.ledger.delta
         if self.client_dp is not None:
             record["client_epsilon"], record["client_delta"] = self.client_dp.epsilon(round_idx + 1), self.client_dp.delta
-        record.update(self.evaluate(result.clients))
+        record.update(self.evaluate(result.clients, round_idx + 1))
         record["round_time_s"] = time.perf_counter() - t0
         return record
 
@@ -277,12 +278,16 @@ class Simulation:
         }
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, local_clients: list[str] = ()) -> dict:
+    def evaluate(self, local_clients: list[str] = (), round_number: int = 0) -> dict:
         """Global model on the dev split, and on the local test splits of ``local_clients``."""
         d = self.data
         logits, loss = predict(self.model, d.dev, np.arange(d.dev_size), self.cfg.eval.batch_size)
         values = metric_values(d, logits, d.dev["labels"])
-        out = {"metric_name": score_name(values), "metric": primary_score(values), "metrics": values, "eval_loss": loss}
+        out = {"metric_name": score_name(values), "metric": primary_score(values), "eval_loss": loss}
+        if d.dev_prompts:  # causal LM: exact match and ROUGE-L of greedy answers too
+            values = {**values, **evaluate_generation(self.model, self.tokenizer, d, self.cfg.eval, self.run_dir,
+                                                      round_number)}
+        out["metrics"] = values
         if self.cfg.eval.local:
             values = []
             for cid in local_clients:
