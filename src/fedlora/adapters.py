@@ -85,23 +85,67 @@ def head_module_names(model: nn.Module) -> list[str]:
     return [name for name in ("classifier", "score") if isinstance(getattr(model, name, None), nn.Module)]
 
 
+# Which layers ``lora.target_modules: [attention, mlp]`` means, per model family (``config.model_type``): named
+# here from each architecture's own module names, never guessed. PEFT matches a name as a suffix of a layer's path.
+TARGET_PRESETS: dict[str, dict[str, list[str]]] = {
+    **{family: {"attention": ["q_proj", "k_proj", "v_proj", "o_proj"], "mlp": ["gate_proj", "up_proj", "down_proj"]}
+       for family in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2")},
+    "gpt2": {"attention": ["attn.c_attn", "attn.c_proj"], "mlp": ["mlp.c_fc", "mlp.c_proj"]},
+    "bert": {"attention": ["query", "key", "value", "attention.output.dense"], "mlp": ["intermediate.dense"]},
+}
+
+
+def _matches(path: str, target: str) -> bool:
+    return path == target or path.endswith("." + target)
+
+
+def _adaptable(model: nn.Module) -> dict[str, nn.Module]:
+    """Every layer LoRA can wrap (Linear, or GPT-2's Conv1D) by path, heads excluded."""
+    from transformers.pytorch_utils import Conv1D
+
+    heads = tuple(head_module_names(model))
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, Conv1D)) and not name.startswith(heads) and not name.endswith("lm_head")}
+
+
+def resolve_targets(model: nn.Module, targets) -> list[str]:
+    """``lora.target_modules`` with the presets ``attention`` and ``mlp`` replaced by the family's layer names
+    (:data:`TARGET_PRESETS`); a name matching no layer of the model is a one-line ValueError."""
+    family = getattr(getattr(model, "config", None), "model_type", None)
+    layers = _adaptable(model)
+    names = []
+    for target in targets:
+        if target in ("attention", "mlp"):
+            if family not in TARGET_PRESETS:
+                raise ValueError(f"lora.target_modules: no '{target}' preset for model type {family!r} (known: "
+                                 f"{', '.join(sorted(TARGET_PRESETS))}); name its layers instead")
+            names += TARGET_PRESETS[family][target]
+        else:
+            names.append(target)
+    leaves = sorted({path.split(".")[-1] for path in layers})
+    for target in names:
+        if not any(_matches(path, target) for path in layers):
+            raise ValueError(f"lora.target_modules: {target!r} matches no layer of this {family or 'model'} "
+                             f"(its layers: {', '.join(leaves[:12])})")
+    return list(dict.fromkeys(names))
+
+
 def _uses_conv1d(model: nn.Module, targets: list[str]) -> bool:
     from transformers.pytorch_utils import Conv1D
 
-    return any(
-        isinstance(m, Conv1D) and name.split(".")[-1] in targets for name, m in model.named_modules()
-    )
+    return any(isinstance(m, Conv1D) and any(_matches(name, t) for t in targets) for name, m in model.named_modules())
 
 
 def lora_config(lora: LoraSection, model: nn.Module, task_type: str, rank: int | None = None) -> LoraConfig:
     heads = head_module_names(model) if task_type == "seq_cls" else []
+    targets = resolve_targets(model, lora.target_modules)
     return LoraConfig(
         r=rank or lora.rank,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
+        target_modules=targets,
         modules_to_save=heads or None,
-        fan_in_fan_out=_uses_conv1d(model, lora.target_modules),
+        fan_in_fan_out=_uses_conv1d(model, targets),
     )
 
 

@@ -51,7 +51,8 @@ class LoraSection(_Section):
     alpha: float = Field(16.0, gt=0, description="scale s = alpha / r")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA branch's input (lora_dropout)")
     target_modules: list[str] = Field(
-        default_factory=lambda: ["query", "value"], description="names of the linear layers that get adapters"
+        default_factory=lambda: ["query", "value"], description="names of the linear layers that get adapters, "
+        "or the presets attention and mlp (by model family: fedlora.adapters.TARGET_PRESETS)"
     )
     client_ranks: list[int] | dict[str, int] | None = Field(
         None, description="heterogeneous ranks: a list cycled over clients, or a mapping device class -> rank "
