@@ -149,8 +149,14 @@ def lora_config(lora: LoraSection, model: nn.Module, task_type: str, rank: int |
     )
 
 
-def attach_lora(model: nn.Module, lora: LoraSection, task_type: str) -> PeftModel:
-    """Wrap ``model`` with PEFT LoRA on ``lora.target_modules`` (heads trained fully)."""
+def attach_lora(model: nn.Module, lora: LoraSection, task_type: str,
+                gradient_checkpointing: bool = False) -> PeftModel:
+    """Wrap ``model`` with PEFT LoRA on ``lora.target_modules`` (heads trained fully); optionally with
+    gradient checkpointing (non-reentrant, so the frozen embeddings need no gradient)."""
+    if gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ValueError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
         return get_peft_model(model, lora_config(lora, model, task_type))
     except ValueError as err:

@@ -212,6 +212,9 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(0, ge=0, description="linear learning-rate warmup steps of each local run")
     optimizer_state: Literal["fresh", "kept"] = Field("fresh", description="fresh AdamW each round, or kept")
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient norm clip; None: no clipping")
+    bf16: bool = Field(False, description="forward passes under bfloat16 autocast on the CPU (weights stay float32)")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass (less memory, more time; larger models)")
 
     @model_validator(mode="after")
     def _steps_or_epochs(self):

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-KINDS = ("add", "reverse", "upper", "sort", "count")
+KINDS = ("reverse", "upper", "sort", "rotate", "shift")
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
@@ -55,7 +55,7 @@ SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
 CHARACTERS = tuple(string.ascii_letters + string.digits + string.punctuation + " \n")
 
 LETTERS = "abcdefgh"  # a small alphabet: fewer symbols to map, so a tiny model learns in a few hundred steps
-MIN_CHARS, MAX_CHARS = 3, 5
+MIN_CHARS, MAX_CHARS = 4, 4
 MAX_ADDEND = 49
 DEV_STREAM = 1  # dev examples come from the seed sequence (seed, DEV_STREAM); train from seed alone
 
@@ -89,6 +89,16 @@ def _sort(rng: np.random.Generator) -> tuple[str, str, str]:
     return "sort", text, "".join(sorted(text))
 
 
+def _rotate(rng: np.random.Generator) -> tuple[str, str, str]:
+    text = _letters(rng)
+    return "rotate", text, text[1:] + text[:1]
+
+
+def _shift(rng: np.random.Generator) -> tuple[str, str, str]:
+    text = _letters(rng)
+    return "shift", text, "".join(chr(ord(c) + 1) for c in text)
+
+
 def _count(rng: np.random.Generator) -> tuple[str, str, str]:
     text = _letters(rng)
     # Half the time count a letter that occurs, else any letter: answers span 0..len instead of mostly 0/1.
@@ -97,7 +107,8 @@ def _count(rng: np.random.Generator) -> tuple[str, str, str]:
 
 
 GENERATORS: dict[str, Callable[[np.random.Generator], tuple[str, str, str]]] = {
-    "add": _add, "reverse": _reverse, "upper": _upper, "sort": _sort, "count": _count,
+    "reverse": _reverse, "upper": _upper, "sort": _sort, "rotate": _rotate, "shift": _shift,
+    "add": _add, "count": _count,
 }
 
 

@@ -46,7 +46,7 @@ class _Shared:
         self.data: FederatedData = build_federated_data(cfg, work_dir)
         base, tokenizer = adapters.load_base_model(cfg.model, self.data.num_labels, cfg.seed)
         self.data.encode(tokenizer, cfg.model.max_length)
-        self.model = adapters.attach_lora(base, cfg.lora, cfg.model.task_type)
+        self.model = adapters.attach_lora(base, cfg.lora, cfg.model.task_type, cfg.train.gradient_checkpointing)
 
 
 _SHARED: dict[str, _Shared] = {}

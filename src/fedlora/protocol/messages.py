@@ -45,6 +45,7 @@ class TrainSettings:
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
     optimizer_state: str = "fresh"
+    bf16: bool = False  # forward passes under bfloat16 autocast (CPU)
     # HetLoRA's local rank self-pruning (off by default): a penalty on the last ``penalty_ranks`` ranks'
     # norms, then trailing ranks whose share of ``||B A||_F`` is below ``prune_threshold`` are dropped.
     rank_penalty: float = 0.0

@@ -50,8 +50,12 @@ def train_local(
     max_grad_norm: float | None,
     optimizer_state: dict | None = None,
     penalty: Callable[[], Tensor] | None = None,
+    bf16: bool = False,
 ) -> tuple[float, dict]:
-    """Run ``steps`` AdamW steps; returns the mean training loss and the optimizer's state dict."""
+    """Run ``steps`` AdamW steps; returns the mean training loss and the optimizer's state dict.
+
+    ``bf16``: forward passes under CPU bfloat16 autocast (the weights, gradients and optimizer stay float32).
+    """
     model.train()
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if optimizer_state is not None and len(optimizer_state["state"]) == len(params):
@@ -64,7 +68,8 @@ def train_local(
     total, count = 0.0, 0
     for idx in batches:
         batch = batch_at(encoded, idx)
-        loss = model(**batch).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**batch).loss.float()
         if penalty is not None:
             loss = loss + penalty()
         optimizer.zero_grad(set_to_none=True)
@@ -190,7 +195,7 @@ def train_client(host, task, data: ClientData):
                 host.model, params, batches, data.encoded,
                 steps=steps, lr=settings.lr, weight_decay=settings.weight_decay,
                 warmup_steps=settings.warmup_steps, max_grad_norm=settings.max_grad_norm,
-                optimizer_state=kept, penalty=_penalty(host, task, adapter, modules),
+                optimizer_state=kept, penalty=_penalty(host, task, adapter, modules), bf16=settings.bf16,
             )
     if settings.optimizer_state == "kept":
         data.optimizer_state = opt_state

@@ -57,7 +57,7 @@ class Simulation:
         self.data: FederatedData = build_federated_data(cfg, self.run_dir)
         base, self.tokenizer = adapters.load_base_model(cfg.model, self.data.num_labels, cfg.seed)
         self.data.encode(self.tokenizer, cfg.model.max_length)
-        model = adapters.attach_lora(base, cfg.lora, cfg.model.task_type)
+        model = adapters.attach_lora(base, cfg.lora, cfg.model.task_type, cfg.train.gradient_checkpointing)
         ids = self.data.client_ids
         layers = adapters.lora_layers(model)
         self.clock = Clock(cfg, model, ids, mean_lengths(self.data.train, self.data.train_indices), list(layers))
@@ -364,7 +364,7 @@ def train_settings(train: TrainConfig) -> TrainSettings:
     return TrainSettings(
         local_steps=train.local_steps, local_epochs=train.local_epochs, batch_size=train.batch_size, lr=train.lr,
         weight_decay=train.weight_decay, warmup_steps=train.warmup_steps, max_grad_norm=train.max_grad_norm,
-        optimizer_state=train.optimizer_state,
+        optimizer_state=train.optimizer_state, bf16=train.bf16,
     )
 
 
