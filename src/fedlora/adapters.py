@@ -156,7 +156,7 @@ def attach_lora(model: nn.Module, lora: LoraSection, task_type: str,
     if gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ValueError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     try:
         return get_peft_model(model, lora_config(lora, model, task_type))
     except ValueError as err:

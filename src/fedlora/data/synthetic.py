@@ -59,7 +59,8 @@ MIN_CHARS, MAX_CHARS = 4, 4
 MAX_ADDEND = 49
 DEV_STREAM = 1  # dev examples come from the seed sequence (seed, DEV_STREAM); train from seed alone
 
-GPT2_SIZE = {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 64}
+GPT2_SIZE = {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 64, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+             "attn_pdrop": 0.0}
 LLAMA_SIZE = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
               "num_key_value_heads": 2, "max_position_embeddings": 64}
 
