@@ -46,7 +46,7 @@ def test_recipe_method_options_build_the_method(path):
         HierOptions(**fed.method_options).rules(0)
     else:
         get_aggregator(fed.method, **fed.method_options)
-    assert path.parent.name in (fed.method, "hetero_ranks", "privacy", "results"), \
+    assert path.parent.name in (fed.method, "hetero_ranks", "privacy", "results", "llm"), \
         "recipes/configs/<method>/ holds that method's recipes"
 
 

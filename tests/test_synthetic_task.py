@@ -54,6 +54,8 @@ def expected_output(example: dict) -> str:
         return "".join(text[(i + 1) % len(text)] for i in range(len(text)))
     if kind == "shift":
         return text.translate(str.maketrans(string.ascii_lowercase[:-1], string.ascii_lowercase[1:]))
+    if kind == "copy":
+        return "".join(c for c in text)
     if kind == "add":
         return str(sum(int(part) for part in text.split(" ")))
     if kind == "count":
@@ -246,3 +248,27 @@ def test_tiny_gpt2_learns_the_task(gpt2_dir, tmp_path):
           f"{seconds:.1f} s")
     assert before <= 0.1
     assert after >= 0.5, f"exact match after training {after:.2f} (loss {losses[-1]:.3f})"
+
+
+def test_pretraining_teaches_the_base_to_copy_through_the_template(tmp_path):
+    """The demo's base model: after :func:`pretrain` it copies unseen inputs (every answer character included)
+    through fedlora's plain template, while the default kinds stay unlearned for the adapters."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fedlora.data.instructions import PLAIN_TEMPLATE
+    from fedlora.data.synthetic import COPY_LETTERS, pretrain
+    from fedlora.sim.generation import generate_answers
+
+    folder = make_tiny_causal_lm(tmp_path / "m")
+    pretrain(folder)
+    tokenizer, model = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)
+
+    def em(kinds):
+        examples = make_examples(40, seed=99, kinds=kinds)
+        prompts = [PLAIN_TEMPLATE.format(message=f"{e['instruction']}\n\n{e['input']}") for e in examples]
+        answers = generate_answers(model, tokenizer, prompts, max_new_tokens=6)
+        return sum(a == e["output"] for a, e in zip(answers, examples)) / len(examples)
+
+    assert set("".join(e["input"] for e in make_examples(200, 1, ("copy",)))) == set(COPY_LETTERS)
+    assert em(("copy",)) >= 0.9
+    assert em(KINDS) <= 0.1

@@ -37,13 +37,23 @@ def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: in
         for start in range(0, len(prompts), batch_size):
             batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
                               add_special_tokens=prompt_special_tokens)
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                 pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+            room = _positions(model) - batch["input_ids"].shape[1]  # a model with learned positions stops there
+            out = model.generate(**batch, max_new_tokens=max(1, min(max_new_tokens, room)), do_sample=False,
+                                 num_beams=1, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
             new = out[:, batch["input_ids"].shape[1]:]
             answers += tokenizer.batch_decode(new, skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
     return answers
+
+
+def _positions(model) -> int:
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1 << 30
 
 
 def generation_metrics(answers: list[str], references: list[str]) -> dict[str, float]:
