@@ -54,3 +54,14 @@ def test_an_absent_target_is_one_line_naming_the_layers():
     assert "'q_proj' matches no layer of this gpt2" in text and "c_attn" in text and "\n" not in text
     with pytest.raises(ValueError, match="no 'mlp' preset for model type"):
         resolve_targets(torch.nn.Sequential(torch.nn.Linear(2, 2)), ["mlp"])
+
+
+def test_a_model_already_wrapped_by_peft_still_resolves_its_targets():
+    """A second adapter (another client rank) is added to a model whose layers PEFT already wrapped."""
+    from fedlora.adapters import add_rank_adapter, attach_lora
+
+    lora = LoraSection(rank=4, alpha=8, target_modules=["query", "value"])
+    model = attach_lora(_bert(), lora, "seq_cls")
+    assert resolve_targets(model.get_base_model(), ["query", "value"]) == ["query", "value"]
+    add_rank_adapter(model, lora, "seq_cls", 2)
+    assert any(".lora_A." in n and n.endswith("weight") for n, _ in model.named_parameters())

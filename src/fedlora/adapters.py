@@ -99,13 +99,24 @@ def _matches(path: str, target: str) -> bool:
     return path == target or path.endswith("." + target)
 
 
+_PEFT_PARTS = ("base_layer", "modules_to_save", "original_module")  # PEFT's own sub-modules, not the model's
+
+
 def _adaptable(model: nn.Module) -> dict[str, nn.Module]:
-    """Every layer LoRA can wrap (Linear, or GPT-2's Conv1D) by path, heads excluded."""
+    """Every layer LoRA can wrap (Linear, or GPT-2's Conv1D; one PEFT already wrapped counts) by path, heads
+    excluded."""
+    from peft.tuners.lora import LoraLayer
     from transformers.pytorch_utils import Conv1D
 
     heads = tuple(head_module_names(model))
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, (nn.Linear, Conv1D)) and not name.startswith(heads) and not name.endswith("lm_head")}
+    out = {}
+    for name, m in model.named_modules():
+        parts = name.split(".")
+        if any(p in _PEFT_PARTS or p.startswith("lora_") for p in parts) or name.startswith(heads):
+            continue
+        if isinstance(m, LoraLayer) or (isinstance(m, (nn.Linear, Conv1D)) and not name.endswith("lm_head")):
+            out[name] = m
+    return out
 
 
 def resolve_targets(model: nn.Module, targets) -> list[str]:
