@@ -250,9 +250,9 @@ def test_tiny_gpt2_learns_the_task(gpt2_dir, tmp_path):
     assert after >= 0.5, f"exact match after training {after:.2f} (loss {losses[-1]:.3f})"
 
 
-def test_pretraining_teaches_the_base_to_copy_through_the_template(tmp_path):
-    """The demo's base model: after :func:`pretrain` it copies unseen inputs (every answer character included)
-    through fedlora's plain template, while the default kinds stay unlearned for the adapters."""
+def test_pretraining_leaves_a_base_that_has_seen_the_tasks_but_cannot_do_them(tmp_path):
+    """The demo's base model: after :func:`pretrain` its loss on unseen task examples is far below a random
+    model's, yet it answers none of them exactly (what federated LoRA then has to learn)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fedlora.data.instructions import PLAIN_TEMPLATE
@@ -260,15 +260,18 @@ def test_pretraining_teaches_the_base_to_copy_through_the_template(tmp_path):
     from fedlora.sim.generation import generate_answers
 
     folder = make_tiny_causal_lm(tmp_path / "m")
+    random_model = AutoModelForCausalLM.from_pretrained(folder)
     pretrain(folder)
     tokenizer, model = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)
+    examples = make_examples(40, seed=99, kinds=KINDS)
+    prompts = [PLAIN_TEMPLATE.format(message=f"{e['instruction']}\n\n{e['input']}") for e in examples]
+    data = encode_instructions(prompts, [e["output"] for e in examples], tokenizer, max_length=N_POSITIONS)
 
-    def em(kinds):
-        examples = make_examples(40, seed=99, kinds=kinds)
-        prompts = [PLAIN_TEMPLATE.format(message=f"{e['instruction']}\n\n{e['input']}") for e in examples]
-        answers = generate_answers(model, tokenizer, prompts, max_new_tokens=6)
-        return sum(a == e["output"] for a, e in zip(answers, examples)) / len(examples)
+    def loss(m):
+        with torch.no_grad():
+            return float(m(**data).loss)
 
+    assert loss(model) < 0.5 * loss(random_model)
+    answers = generate_answers(model, tokenizer, prompts, max_new_tokens=6)
+    assert sum(a == e["output"] for a, e in zip(answers, examples)) / len(examples) <= 0.1
     assert set("".join(e["input"] for e in make_examples(200, 1, ("copy",)))) == set(COPY_LETTERS)
-    assert em(("copy",)) >= 0.9
-    assert em(KINDS) <= 0.1

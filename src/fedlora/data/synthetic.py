@@ -137,7 +137,7 @@ GENERATORS: dict[str, Callable[[np.random.Generator], tuple[str, str, str]]] = {
     "reverse": _reverse, "upper": _upper, "sort": _sort, "rotate": _rotate, "shift": _shift,
     "add": _add, "count": _count, "copy": _copy,
 }
-PRETRAIN_KINDS = ("copy",)  # what the base model knows before federated tuning: the format, not the tasks
+PRETRAIN_KINDS = ("copy", *KINDS)  # what the base model has seen before federated tuning (briefly)
 
 
 def _draw(n: int, rng: np.random.Generator, kinds: Sequence[str],
@@ -286,14 +286,16 @@ def make_tiny_causal_lm(folder: Path, family: str = "gpt2", seed: int = 0, **siz
     return folder
 
 
-def pretrain(folder: Path, steps: int = 1500, seed: int = 0, kinds: Sequence[str] = PRETRAIN_KINDS,
+def pretrain(folder: Path, steps: int = 150, seed: int = 0, kinds: Sequence[str] = PRETRAIN_KINDS,
              lr: float = 3e-3, batch_size: int = 32) -> Path:
-    """Train the whole tiny model in ``folder`` on ``kinds`` (default: copying the input), in place.
+    """Train the whole tiny model in ``folder`` briefly on ``kinds`` (default: copying, and the tasks), in place.
 
-    A random base gives LoRA nothing to adapt: measured on the tiny GPT-2, federated LoRA from random weights
-    left exact match at 0 after 8 rounds. A base that already copies the input through the fedlora prompt
-    template (:data:`fedlora.data.instructions.PLAIN_TEMPLATE`) is the small-scale analogue of a pretrained
-    model; the default :data:`KINDS` are then new tasks for the adapters. One torch thread, seeded.
+    The small-scale analogue of a pretrained model that has seen text like the task but cannot do it yet.
+    Measured on the tiny GPT-2 (one thread): from random weights, federated LoRA left exact match at 0 after 8
+    rounds, and centralized LoRA reached at most 0.06 in 750 steps, even from a base that copies perfectly
+    (1,500 steps on copying alone). After 150 steps on copying and the tasks the base answers none of them
+    (exact match 0.00; 250 steps already give 0.60), and centralized LoRA then reaches 0.80 in 300 steps.
+    The prompts are fedlora's plain template (:data:`fedlora.data.instructions.PLAIN_TEMPLATE`). Seeded.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -345,8 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="seed of the examples and the weights (default: 0)")
     parser.add_argument("--model", choices=("gpt2", "llama"), default="gpt2",
                         help="model family (default: gpt2)")
-    parser.add_argument("--pretrain-steps", type=int, default=1500,
-                        help="full training steps on copying the input before any federated tuning (default: 1500)")
+    parser.add_argument("--pretrain-steps", type=int, default=150,
+                        help="full training steps on the tasks before any federated tuning (default: 150)")
     args = parser.parse_args(argv)
     write_task(args.dir / "data", n_train=args.train, n_dev=args.dev, seed=args.seed)
     make_tiny_causal_lm(args.dir / "model", family=args.model, seed=args.seed)
