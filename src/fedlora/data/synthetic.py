@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from contextlib import contextmanager
 import string
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -80,6 +81,20 @@ GPT2_SIZE = {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 64,
              "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 LLAMA_SIZE = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
               "num_key_value_heads": 2, "max_position_embeddings": 64}
+
+
+@contextmanager
+def _no_progress_bars():
+    """transformers draws progress bars on load and save; library code stays quiet, the caller's setting returns."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _letters(rng: np.random.Generator) -> str:
@@ -261,7 +276,6 @@ def make_tiny_causal_lm(folder: Path, family: str = "gpt2", seed: int = 0, **siz
     """
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-    from transformers.utils import logging as hf_logging
 
     folder = Path(folder)
     tokenizer = make_tokenizer(folder)
@@ -275,14 +289,8 @@ def make_tiny_causal_lm(folder: Path, family: str = "gpt2", seed: int = 0, **siz
         raise ValueError(f"unknown family {family!r}; choose gpt2 or llama")
     torch.manual_seed(seed)
     model = model_class(config)
-    # save_pretrained draws a progress bar on stderr: library code stays quiet; the caller's setting returns.
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with _no_progress_bars():
         model.save_pretrained(folder)
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
     return folder
 
 
@@ -304,8 +312,9 @@ def pretrain(folder: Path, steps: int = 150, seed: int = 0, kinds: Sequence[str]
     from .tokenize import encode_instructions
 
     folder = Path(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder)
+    with _no_progress_bars():
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder)
     examples = make_examples(20 * batch_size, seed + 1000, kinds)
     prompts = [PLAIN_TEMPLATE.format(message=f"{e['instruction']}\n\n{e['input']}") for e in examples]
     data = encode_instructions(prompts, [e["output"] for e in examples], tokenizer, max_length=64)
@@ -325,15 +334,8 @@ def pretrain(folder: Path, steps: int = 150, seed: int = 0, kinds: Sequence[str]
             optimizer.zero_grad()
     finally:
         torch.set_num_threads(threads)
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with _no_progress_bars():
         model.save_pretrained(folder)
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
     return folder
 
 

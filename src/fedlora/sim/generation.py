@@ -58,11 +58,12 @@ def _positions(model) -> int:
 
 def generation_metrics(answers: list[str], references: list[str]) -> dict[str, float]:
     """``exact_match`` and ``rouge_l`` (mean F-measure) of ``answers`` against ``references``."""
-    from rouge_score import rouge_scorer
+    from rouge_score import rouge_scorer, tokenizers
 
     if len(answers) != len(references) or not answers:
         raise ValueError(f"{len(answers)} answers for {len(references)} references")
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    # the tokenizer given explicitly: rouge-score logs "Using default tokenizer." on every scorer otherwise
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=tokenizers.DefaultTokenizer(use_stemmer=False))
     exact = sum(_normal(a) == _normal(r) for a, r in zip(answers, references)) / len(answers)
     rouge = sum(scorer.score(r, a)["rougeL"].fmeasure for a, r in zip(answers, references)) / len(answers)
     return {"exact_match": float(exact), "rouge_l": float(rouge)}
