@@ -46,7 +46,28 @@ def main() -> None:
     figures.mkdir(parents=True, exist_ok=True)
     for png in OUT.glob("compare_*.png"):
         shutil.copy(png, figures / f"llm_{png.name}")
+    plot_exact_match(figures / "llm_exact_match.png")
     print(table)
+
+
+def plot_exact_match(path: Path) -> None:
+    """Exact match per round, one line per method (the compare's own plots show perplexity)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for method in ("fedit", "ffa", "fedex", "fra", "hexa"):
+        records = [json.loads(line) for line in (OUT / method / "metrics.jsonl").read_text().splitlines()]
+        ax.plot([r["round"] for r in records], [r["metrics"]["exact_match"] for r in records], marker="o",
+                label=method)
+    ax.set_xlabel("round")
+    ax.set_ylabel("exact match (greedy, 100 dev prompts)")
+    ax.set_title("offline instruction task, tiny GPT-2, 10 clients, Dirichlet 0.5 by kind")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
