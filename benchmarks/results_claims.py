@@ -1,6 +1,6 @@
 """The seed papers' claims, checked claim by claim against a results sweep (issue 11).
 
-    .venv/bin/python benchmarks/results_claims.py runs/results/sst2 runs/results/cola runs/results/agnews
+    .venv/bin/python benchmarks/results_claims.py benchmarks/results/sweeps/{sst2,cola,agnews}
     .venv/bin/python benchmarks/results_claims.py ... --out docs/results_claims.md
 
 Each claim becomes a measurable comparison over the sweep's cells (means over seeds; a difference smaller

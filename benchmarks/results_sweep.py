@@ -9,8 +9,9 @@
    (``data.validation_fraction=0.1``; the dev set is never read). A method's rate is the one with the best
    mean validation metric over the last three rounds; ``benchmarks/results/lr_choice.json``.
 2. **The sweep** per task (SST-2, CoLA, AG News): the ten methods at their rates x IID, Dirichlet 0.5,
-   Dirichlet 0.1 and FRA's class-imbalanced split x seeds 0, 1, 2, on the dev set; ``runs/results/<task>``
-   with its ``report.md``. The generated sweep files are written beside them (``runs/results/<task>.yaml``).
+   Dirichlet 0.1 and FRA's class-imbalanced split x seeds 0, 1, 2, on the dev set;
+   ``benchmarks/results/sweeps/<task>`` with its ``report.md``, and the generated sweep file beside it. The
+   cells' records are committed as they finish (checkpoints stay local), so a later session resumes there.
 3. **The claims** (``benchmarks/results_claims.py``): each seed paper's claim as a comparison over the cells,
    with a verdict (held, did not hold, within noise), in ``docs/results_claims.md``.
 
@@ -33,7 +34,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 LR_SWEEP = ROOT / "recipes" / "sweeps" / "results_lr.yaml"
 BASE = "recipes/configs/results/minilm_base.yaml"
-OUT = ROOT / "runs" / "results"
+OUT = ROOT / "benchmarks" / "results" / "sweeps"  # records committed, checkpoints ignored (.gitignore there)
 CHOICE = ROOT / "benchmarks" / "results" / "lr_choice.json"
 TASKS = {  # task -> (data.task, data folder below FEDLORA_DATA_DIR's parent)
     "sst2": ["data.task=sst2"],
@@ -96,7 +97,7 @@ def main_spec(task: str, choice: dict[str, float]) -> Path:
         label = item.split("=")[0] if "=" in item.split(":")[0] else item.split(":")[0]
         items.append({"label": label, "method": item.split("=", 1)[1] if label != item.split(":")[0] else item,
                       "overrides": [f"train.lr={choice[label]}"]})
-    spec = {"config": BASE, "overrides": TASKS[task], "out": f"runs/results/{task}", "methods": items,
+    spec = {"config": BASE, "overrides": TASKS[task], "out": f"benchmarks/results/sweeps/{task}", "methods": items,
             "partitions": PARTITIONS, "seeds": [0, 1, 2]}
     path = OUT / f"{task}.yaml"
     OUT.mkdir(parents=True, exist_ok=True)
