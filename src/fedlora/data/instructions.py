@@ -43,17 +43,22 @@ PLAIN_TEMPLATE = "### Instruction:\n{message}\n\n### Response:\n"
 TEMPLATES = ("auto", "chat", "plain", "none")
 
 
+def uses_chat_template(tokenizer, template: str) -> bool:
+    """Whether prompts go through the tokenizer's chat template (which writes its own special tokens, BOS
+    included, so the prompt is then tokenized without adding them again)."""
+    return template == "chat" or (template == "auto" and bool(getattr(tokenizer, "chat_template", None)))
+
+
 def format_prompts(messages, tokenizer, template: str = "auto") -> list[str]:
     """Prompts from user messages: ``chat`` (the tokenizer's chat template, a generation prompt added),
     ``plain`` (:data:`PLAIN_TEMPLATE`), ``none`` (verbatim) or ``auto`` (chat if the tokenizer has one)."""
     if template not in TEMPLATES:
         raise ValueError(f"data.prompt_template: expected one of {', '.join(TEMPLATES)}, got {template!r}")
-    has_chat = bool(getattr(tokenizer, "chat_template", None))
-    if template == "chat" and not has_chat:
+    if template == "chat" and not getattr(tokenizer, "chat_template", None):
         raise ValueError("data.prompt_template=chat: this tokenizer has no chat template (use plain)")
     if template == "none":
         return list(messages)
-    if template == "chat" or (template == "auto" and has_chat):
+    if uses_chat_template(tokenizer, template):
         return [tokenizer.apply_chat_template([{"role": "user", "content": m}], tokenize=False,
                                               add_generation_prompt=True) for m in messages]
     return [PLAIN_TEMPLATE.format(message=m) for m in messages]

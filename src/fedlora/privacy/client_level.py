@@ -101,12 +101,11 @@ def release(dp: ClientDP, start: dict[str, LoRAFactors], head: dict[str, Tensor]
     clipped, kept = {}, {}
     for cid, (factors, client_head) in clients.items():
         heads = (head, client_head)
-        if math.isfinite(dp.clip):
-            norm = update_norm(start, factors, heads)
+        norm = update_norm(start, factors, heads) if math.isfinite(dp.clip) else 0.0
+        if norm > dp.clip:  # only then search for the fraction that brings it within C
             factors, t = clip_update(start, factors, dp.clip, heads)
             client_head = towards_head(head, client_head, t)
-            if t < 1.0:
-                clipped[cid] = norm
+            clipped[cid] = norm
         kept[cid] = (factors, client_head)
     generator = torch.Generator().manual_seed(noise_seed)
     std = dp.noise_std

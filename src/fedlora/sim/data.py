@@ -25,7 +25,7 @@ from ..config import DataConfig, RunConfig
 from ..data import (
     PERPLEXITY, compute_metric, encode, encode_instructions, load_instructions, load_source, primary_score,
 )
-from ..data.instructions import format_prompts
+from ..data.instructions import format_prompts, uses_chat_template
 from ..data.readers import SUFFIXES
 from ..partition import PartitionError, client_test_split, label_histograms, partition_labels, save_histograms
 from .client import mean_token_loss
@@ -58,29 +58,23 @@ class FederatedData:
 
     def encode(self, tokenizer, max_length: int) -> None:
         if self.task_type == CAUSAL_LM:  # right-padded; labels -100 on prompt and padding
-            self.train = _encode_instructions(self.train_set, tokenizer, max_length, "train", self.prompt_template)
-            self.dev = _encode_instructions(self.dev_set, tokenizer, max_length, "dev", self.prompt_template)
+            self.prompt_special_tokens = not uses_chat_template(tokenizer, self.prompt_template)
             self.dev_prompts = format_prompts(self.dev_set.texts, tokenizer, self.prompt_template)
-            self.prompt_special_tokens = not _uses_chat(tokenizer, self.prompt_template)
+            train_prompts = format_prompts(self.train_set.texts, tokenizer, self.prompt_template)
+            self.train = self._encode_instructions(train_prompts, self.train_set, tokenizer, max_length, "train")
+            self.dev = self._encode_instructions(self.dev_prompts, self.dev_set, tokenizer, max_length, "dev")
         else:
             self.train = encode(self.train_set, tokenizer, max_length)
             self.dev = encode(self.dev_set, tokenizer, max_length)
 
-
-def _uses_chat(tokenizer, template: str) -> bool:
-    """Whether prompts go through the chat template (which writes its own special tokens, BOS included)."""
-    return template == "chat" or (template == "auto" and bool(getattr(tokenizer, "chat_template", None)))
-
-
-def _encode_instructions(dataset, tokenizer, max_length: int, split: str, template: str) -> dict[str, Tensor]:
-    prompts = format_prompts(dataset.texts, tokenizer, template)
-    encoded = encode_instructions(prompts, dataset.text_pairs, tokenizer, max_length,
-                                  prompt_special_tokens=not _uses_chat(tokenizer, template))
-    empty = int(((encoded["labels"] != -100).sum(1) == 0).sum())
-    if empty:
-        log.warning("%s split: %d of %d examples keep no response token within model.max_length=%d "
-                    "(they add nothing to the loss)", split, empty, len(dataset), max_length)
-    return encoded
+    def _encode_instructions(self, prompts, dataset, tokenizer, max_length: int, split: str) -> dict[str, Tensor]:
+        encoded = encode_instructions(prompts, dataset.text_pairs, tokenizer, max_length,
+                                      prompt_special_tokens=self.prompt_special_tokens)
+        empty = int(((encoded["labels"] != -100).sum(1) == 0).sum())
+        if empty:
+            log.warning("%s split: %d of %d examples keep no response token within model.max_length=%d "
+                        "(they add nothing to the loss)", split, empty, len(dataset), max_length)
+        return encoded
 
 
 def load_dataset_for(data: DataConfig, seed: int, task_type: str = "seq_cls"):
