@@ -90,7 +90,8 @@ QUICK_GRID = {"d": [128, 256], "K": [3, 10], "r": [8]}
 FULL_MODEL = {"layers": 32, "hidden": 4096, "intermediate": 11008, "K": 10, "r": 16}
 QUICK_MODEL = {"layers": 2, "hidden": 128, "intermediate": 344, "K": 10, "r": 16}
 TARGET_SPEEDUP = 100.0  # at d = 4096, K = 10 (both r)
-TARGET_MODEL_SECONDS = 60.0
+TARGET_MODEL_SECONDS = 8.0  # the LLaMA-7B-shaped round, FRA fold and HEXA (issue 12)
+TARGET_GRID_RATIO = 0.95  # no grid point below this fraction of dense, in speed or memory (noise allowance)
 
 
 # =============================================================================== worker side
@@ -180,7 +181,10 @@ def _paths(state, updates, r):
     d_out, d_in = state["m"].factors.shape
 
     def aggregate():
-        return fra.aggregate(state, updates, 0)
+        return fra.aggregate(state, updates, 0, error_measure="core")
+
+    def exact():
+        return fra.aggregate(state, updates, 0, error_measure="exact")
 
     def truncate():
         return lowrank.truncate(lowrank.concat([f.as_lowrank() for f in factors], p), r)
@@ -196,7 +200,7 @@ def _paths(state, updates, r):
         M.addmm_(head_left, head_right, alpha=-1.0)  # M is now the tail folded into W
         return head_left, head_right, M, S
 
-    return {"truncate": truncate, "aggregate": aggregate, "dense": dense}
+    return {"truncate": truncate, "aggregate": aggregate, "exact": exact, "dense": dense}
 
 
 def _loadavg() -> float:
@@ -225,7 +229,7 @@ def worker_config(task: dict) -> dict:
     load_before = _loadavg()
 
     peak, mem_time = {}, {}
-    for name in ("truncate", "aggregate", "dense"):
+    for name in ("truncate", "aggregate", "exact", "dense"):
         meter.start()
         t0 = time.perf_counter()
         out = paths[name]()
@@ -239,10 +243,10 @@ def worker_config(task: dict) -> dict:
     # timing: allocator in its steady state, paths interleaved
     _mallopt(32 * MIB, 64 * MIB)
     times = {name: [] for name in paths}
-    for name in ("truncate", "aggregate"):
+    for name in ("truncate", "aggregate", "exact"):
         paths[name]()  # warm the heap at this size
     for i in range(max(task["reps_factored"], task["reps_dense"])):
-        for name in ("truncate", "aggregate", "dense"):
+        for name in ("truncate", "aggregate", "exact", "dense"):
             reps = task["reps_dense"] if name == "dense" else task["reps_factored"]
             if i < reps:
                 t0 = time.perf_counter()
@@ -275,6 +279,7 @@ def worker_config(task: dict) -> dict:
         / max(norm(tail_dense), 1e-30),
         "tail_rel_norm": norm(tail_dense) / max(norm(H_dense + tail_dense), 1e-30),
         "fra_aggregation_error": float(res.error),
+        "fra_aggregation_error_exact": float(paths["exact"]().error),
     }
     stacked = lowrank.concat([u.factors["m"].as_lowrank() for u in updates])
     return {
@@ -358,7 +363,7 @@ def worker_model(task: dict) -> dict:
         prof = cProfile.Profile()
         t0 = time.perf_counter()
         prof.enable()
-        res = agg.aggregate(state, updates, 0)
+        res = agg.aggregate(state, updates, 0, error_measure=task["error_measure"])
         prof.disable()
         seconds = time.perf_counter() - t0
         stats = pstats.Stats(prof)
@@ -369,14 +374,23 @@ def worker_model(task: dict) -> dict:
         ]
     else:
         t0 = time.perf_counter()
-        res = agg.aggregate(state, updates, 0)
+        res = agg.aggregate(state, updates, 0, error_measure=task["error_measure"])
         seconds = time.perf_counter() - t0
     peak = meter.stop()
+    # The floor in the same process: each module's bare truncated SVD of M, at the data weights.
+    from fedlora import lowrank
+
+    p = _weights(updates)
+    t0 = time.perf_counter()
+    for name in shapes:
+        lowrank.truncate(lowrank.concat([u.factors[name].as_lowrank() for u in updates], p), r)
+    truncate_s = time.perf_counter() - t0
     load_after = _loadavg()
     correction_numel = sum(c.left.numel() + c.right.numel() for c in res.corrections.values())
     return {
-        "method": task["method"], "options": task["options"], "modules": len(shapes), "K": K, "r": r,
-        "seconds": seconds, "peak_bytes": peak, "setup_s": setup_s, "input_bytes": input_bytes,
+        "method": task["method"], "options": task["options"], "error_measure": task["error_measure"],
+        "modules": len(shapes), "K": K, "r": r, "seconds": seconds, "parts_s": res.seconds,
+        "truncate_s": truncate_s, "over_truncate": seconds / truncate_s, "peak_bytes": peak, "setup_s": setup_s, "input_bytes": input_bytes,
         "correction_factor_bytes": correction_numel * 4,
         "aggregation_error": float(res.error), "max_module_error": max(res.errors.values()),
         "profile_tottime": profile,
@@ -450,10 +464,12 @@ def _summarise_config(res: dict) -> dict:
     s_tr, _ = _ratio(t["dense"], t["truncate"])
     m_agg, lb_agg = _ratio(m["dense"], m["aggregate"], PAGE)
     m_tr, lb_tr = _ratio(m["dense"], m["truncate"], PAGE)
+    s_ex, _ = _ratio(t["dense"], t["exact"])
+    m_ex, lb_ex = _ratio(m["dense"], m["exact"], PAGE)
     res["ratios"] = {
-        "speed_dense_over_aggregate": s_agg, "speed_dense_over_truncate": s_tr,
-        "memory_dense_over_aggregate": m_agg, "memory_dense_over_truncate": m_tr,
-        "memory_ratio_is_lower_bound": {"aggregate": lb_agg, "truncate": lb_tr},
+        "speed_dense_over_aggregate": s_agg, "speed_dense_over_truncate": s_tr, "speed_dense_over_exact": s_ex,
+        "memory_dense_over_aggregate": m_agg, "memory_dense_over_truncate": m_tr, "memory_dense_over_exact": m_ex,
+        "memory_ratio_is_lower_bound": {"aggregate": lb_agg, "truncate": lb_tr, "exact": lb_ex},
     }
     return res
 
@@ -461,34 +477,39 @@ def _summarise_config(res: dict) -> dict:
 def _grid_table(rows: list[dict]):
     from rich.table import Table
 
-    table = Table(title="Factored (FRA fold_tail aggregate / bare truncated SVD) vs dense reference, float32",
-                  show_lines=False)
+    table = Table(title="Factored (FRA fold_tail aggregate, error from the core / the same, exact error / bare "
+                        "truncated SVD) vs dense reference, float32", show_lines=False)
     for col, just in [("d_out x d_in", "right"), ("K", "right"), ("r", "right"), ("path", "left"),
-                      ("aggregate ms", "right"), ("truncate ms", "right"), ("dense ms", "right"),
-                      ("speed agg", "right"), ("speed svd", "right"),
-                      ("peak agg MiB", "right"), ("peak svd MiB", "right"), ("peak dense MiB", "right"),
-                      ("mem agg", "right"), ("mem svd", "right"),
-                      ("rel diff", "right"), ("FRA err", "right")]:
+                      ("aggregate ms", "right"), ("exact ms", "right"), ("truncate ms", "right"),
+                      ("dense ms", "right"), ("speed agg", "right"), ("speed exact", "right"),
+                      ("speed svd", "right"), ("peak agg MiB", "right"), ("peak dense MiB", "right"),
+                      ("mem agg", "right"), ("mem exact", "right"), ("mem svd", "right"),
+                      ("rel diff", "right"), ("FRA err", "right"), ("exact err", "right")]:
         table.add_column(col, justify=just)
     for res in rows:
         if "error" in res:
             t = res["task"]
             table.add_row(f"{t['d_out']}x{t['d_in']}", str(t["K"]), str(t["r"]), "-", "[red]failed[/red]",
-                          *["-"] * 11)
+                          *["-"] * 14)
             continue
         t, m, q, a = res["time_s"], res["peak_bytes"], res["ratios"], res["agreement"]
         lb = q["memory_ratio_is_lower_bound"]
         rel = max(a["head_rel_diff_truncate"], a["head_rel_diff_aggregate"])
         table.add_row(
             f"{res['d_out']}x{res['d_in']}", str(res["K"]), str(res["r"]), res.get("path", "?"),
-            _fmt_ms(t["aggregate"]), _fmt_ms(t["truncate"]), _fmt_ms(t["dense"]),
-            _fmt_ratio(q["speed_dense_over_aggregate"]), _fmt_ratio(q["speed_dense_over_truncate"]),
-            _fmt_mib(m["aggregate"]), _fmt_mib(m["truncate"]), _fmt_mib(m["dense"]),
+            _fmt_ms(t["aggregate"]), _fmt_ms(t["exact"]), _fmt_ms(t["truncate"]), _fmt_ms(t["dense"]),
+            _fmt_ratio(q["speed_dense_over_aggregate"]), _fmt_ratio(q["speed_dense_over_exact"]),
+            _fmt_ratio(q["speed_dense_over_truncate"]),
+            _fmt_mib(m["aggregate"]), _fmt_mib(m["dense"]),
             _fmt_ratio(q["memory_dense_over_aggregate"], lb["aggregate"]),
+            _fmt_ratio(q["memory_dense_over_exact"], lb["exact"]),
             _fmt_ratio(q["memory_dense_over_truncate"], lb["truncate"]),
-            f"{rel:.1e}", f"{a['fra_aggregation_error']:.1e}",
+            f"{rel:.1e}", f"{a['fra_aggregation_error']:.1e}", f"{a['fra_aggregation_error_exact']:.1e}",
         )
     return table
+
+
+PARTS = ("validate", "weights", "combine", "error", "payloads", "bytes")
 
 
 def _model_table(model: dict):
@@ -497,21 +518,22 @@ def _model_table(model: dict):
     cfg = model["config"]
     h, i = cfg["hidden"], cfg["intermediate"]
     table = Table(title=(f"Full model round: {cfg['layers']} layers x (q,k,v,o {h}x{h}; gate,up {i}x{h}; "
-                         f"down {h}x{i}) = {model['modules']} modules, K={cfg['K']}, r={cfg['r']}, float32"))
-    for col in ("method", "round s", "dense extrap. s", "speed", "peak MiB", "of which corr.",
-                "dense peak MiB: in place", "same outputs", "mem: in place", "same outputs",
-                "agg. error", f"< {TARGET_MODEL_SECONDS:.0f} s"):
+                         f"down {h}x{i}) = {model['modules']} modules, K={cfg['K']}, r={cfg['r']}, float32; "
+                         "parts in seconds"))
+    for col in ("method", "error measure", "round s", *PARTS, "bare SVDs s", "x bare", "dense extrap. s",
+                "speed", "peak MiB", "mem: in place", "same outputs", "agg. error", f"< {TARGET_MODEL_SECONDS:.0f} s"):
         table.add_column(col, justify="right")
     dense = model["dense_extrapolated"]
-    for name, res in model["methods"].items():
+    for key, res in model["methods"].items():
         if "error" in res:
-            table.add_row(name, "[red]failed[/red]", *["-"] * 10)
+            table.add_row(key, "-", "[red]failed[/red]", *["-"] * 15)
             continue
         ok = res["seconds"] < TARGET_MODEL_SECONDS
         table.add_row(
-            name, f"{res['seconds']:.1f}", _fmt_s(dense["seconds"]), _fmt_ratio(res["speed_ratio"]),
-            _fmt_mib(res["peak_bytes"]), _fmt_mib(res["correction_factor_bytes"]),
-            _fmt_mib(dense["peak_bytes"]), _fmt_mib(dense.get("peak_bytes_same_outputs")),
+            res["method"], res["error_measure"], f"{res['seconds']:.1f}",
+            *[f"{res['parts_s'].get(part, 0.0):.2f}" for part in PARTS],
+            f"{res['truncate_s']:.1f}", f"{res['over_truncate']:.2f}", _fmt_s(dense["seconds"]),
+            _fmt_ratio(res["speed_ratio"]), _fmt_mib(res["peak_bytes"]),
             _fmt_ratio(res["memory_ratio"]), _fmt_ratio(res["memory_ratio_same_outputs"]),
             f"{res['aggregation_error']:.1e}", "[green]yes[/green]" if ok else "[red]no[/red]",
         )
@@ -602,10 +624,10 @@ def run(args) -> dict:
     methods = {"fra": {"fold_tail": True}, "hexa": {}}
     model = {"config": model_cfg, "modules": len(shapes), "dense_extrapolated": dense_extrap, "methods": {}}
     if not args.no_model:
-        for name, options in methods.items():
-            console.print(f"[dim]model round: {name} {options} over {len(shapes)} modules ...[/dim]",
-                          highlight=False)
-            task = dict(model_cfg, method=name, options=options, seed=7, profile=args.profile)
+        for (name, options), measure in [(m, e) for m in methods.items() for e in ("core", "exact")]:
+            console.print(f"[dim]model round: {name} {options}, error {measure}, over {len(shapes)} modules "
+                          "...[/dim]", highlight=False)
+            task = dict(model_cfg, method=name, options=options, seed=7, profile=args.profile, error_measure=measure)
             res = _run_worker("model", task)
             if "error" not in res:
                 res["speed_ratio"] = dense_extrap["seconds"] / res["seconds"]
@@ -617,7 +639,7 @@ def run(args) -> dict:
                     if have_mem else float("nan"))
             else:
                 console.print(f"[red]{res['error']}[/red]")
-            model["methods"][name] = res
+            model["methods"][f"{name}/{measure}"] = res
 
     # ---- targets
     ok_rows = [r for r in results if "error" not in r]
@@ -631,11 +653,23 @@ def run(args) -> dict:
             and all(r["ratios"]["speed_dense_over_aggregate"] >= TARGET_SPEEDUP for r in big),
         } if not args.quick else {"target": "n/a in --quick"},
         "model_round_seconds": {
-            "target": f"< {TARGET_MODEL_SECONDS:.0f} s per round (this machine, measured)",
+            "target": f"< {TARGET_MODEL_SECONDS:.0f} s per round, FRA fold and HEXA, error from the core (this "
+                      "machine, measured)",
             "values": {k: v.get("seconds") for k, v in model["methods"].items()},
-            "met": bool(model["methods"]) and all("error" not in v and v["seconds"] < TARGET_MODEL_SECONDS
-                                                  for v in model["methods"].values()),
+            "met": any(k.endswith("/core") for k in model["methods"]) and all(
+                "error" not in v and v["seconds"] < TARGET_MODEL_SECONDS
+                for k, v in model["methods"].items() if k.endswith("/core")),
         } if not args.quick and not args.no_model else {"target": "n/a in --quick / --no-model"},
+        "grid_never_below_dense": {
+            "target": f">= {TARGET_GRID_RATIO}x of dense in speed and memory at every grid point (aggregate, "
+                      "error from the core)",
+            "values": {f"{r['d_out']}x{r['d_in']} K={r['K']} r={r['r']}": [
+                r["ratios"]["speed_dense_over_aggregate"], r["ratios"]["memory_dense_over_aggregate"]]
+                for r in ok_rows},
+            "met": bool(ok_rows) and all(min(r["ratios"]["speed_dense_over_aggregate"],
+                                             r["ratios"]["memory_dense_over_aggregate"]) >= TARGET_GRID_RATIO
+                                         for r in ok_rows),
+        },
     }
     meta["loadavg_1min_end"] = _loadavg()
     meta["total_seconds"] = time.perf_counter() - started

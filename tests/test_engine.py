@@ -256,3 +256,14 @@ def test_kept_optimizer_state_survives_checkpoint_and_resume(assets, tmp_path):
     resumed = Simulation.resume(tmp_path / "cut")
     assert resumed.optimizer_states, "kept AdamW moments should come back from the checkpoint"
     assert _strip_times(resumed.run()) == _strip_times(full)
+
+
+def test_core_error_measure_reports_the_exact_errors_and_changes_nothing_else(assets, tmp_path):
+    """``federation.error_measure=core`` reaches every aggregation: FRA's per-round error equals the exact
+    float64 measurement to 1e-4 relative, and the run (metrics, losses) is the same number for number."""
+    _, exact = _run(_cfg(assets, tmp_path / "exact", "fra", rounds=2))
+    sim, core = _run(_cfg(assets, tmp_path / "core", "fra", rounds=2, extra=["federation.error_measure=core"]))
+    assert sim.strategy.error_measure == "core"
+    for a, b in zip(exact, core, strict=True):
+        assert a["agg_error"] > 1e-3 and b["agg_error"] == pytest.approx(a["agg_error"], rel=1e-4)
+        assert (a["metric"], a["eval_loss"], a["train_loss"]) == (b["metric"], b["eval_loss"], b["train_loss"])

@@ -186,6 +186,27 @@ def test_truncate_pads_with_zero_directions_when_rank_exceeds_the_matrix():
     assert torch.equal(head.left[:, 1:], torch.zeros(2, 2, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [3, 9])
+def test_truncation_residual_is_how_far_head_plus_tail_is_from_x(dtype, k):
+    """The residual of the small SVD bounds ``||x - head - tail||`` (dense float64) to the working precision,
+    and ``head`` equals :func:`truncate`'s, on the factored and the dense path."""
+    gen = torch.Generator().manual_seed(k)
+    x = rand_lowrank(gen, 60, 50, k, dtype)
+    assert not lowrank.prefers_dense(x)
+    head, tail, tail_s, residual = lowrank.truncation(x, 2)
+    X = dense(x)
+    assert residual is not None and 0.0 <= residual <= RTOL[dtype] * fro(X)
+    assert fro(dense(head) + dense(tail) - X) <= RTOL[dtype] * 10 * fro(X)
+    assert torch.equal(head.left, lowrank.truncate(x, 2)[0].left)
+    wide = rand_lowrank(gen, 12, 10, 9, dtype)
+    assert lowrank.prefers_dense(wide)
+    head, tail, _, residual = lowrank.truncation(wide, 2)
+    W = dense(wide)
+    assert residual is not None and 0.0 <= residual <= RTOL[dtype] * fro(W)
+    assert fro(dense(head) + dense(tail) - W) <= RTOL[dtype] * 10 * fro(W)
+
+
 def test_split_factors_rejects_unknown_split():
     with pytest.raises(ValueError, match="unknown split"):
         lowrank.split_factors(torch.eye(2), torch.ones(2), torch.eye(2), "diagonal")

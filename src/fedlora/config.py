@@ -162,6 +162,10 @@ class FederationConfig(_Section):
     method_options: dict[str, Any] = Field(default_factory=dict, description="keyword options of the method")
     rounds: int = Field(5, ge=1, description="federated rounds (one aggregation each)")
     clients_per_round: int = Field(4, ge=1, description="clients sampled (seeded) to train in each round")
+    error_measure: Literal["exact", "core"] = Field(
+        "exact", description="aggregation error: exact (float64 from the factors) or core (from the small SVD "
+        "core where the method allows; about the truncation's cost on large models)"
+    )
 
 
 class DeviceClass(_Section):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -131,15 +132,42 @@ def split_factors(u: Tensor, s: Tensor, vh: Tensor, split: str = "balanced") -> 
     raise ValueError(f"unknown split {split!r}; expected 'balanced', 'left' or 'right'")
 
 
-def truncate(x: LowRank, rank: int, split: str = "balanced") -> tuple[LowRank, LowRank, Tensor]:
-    """Best rank-``rank`` approximation of ``x`` (Eckart-Young) and the exact SVD remainder.
+class Truncation(NamedTuple):
+    """What :func:`truncation` returns: the best rank-``r`` head, the exact remainder, and how exact."""
 
-    Returns ``(head, tail, tail_singular_values)``. ``head`` always has inner dimension ``rank`` (padded
-    with zero directions when ``x`` has lower rank), ``head + tail == x`` up to rounding, and
-    ``||tail||_F`` is the root-sum-square of ``tail_singular_values``.
+    head: LowRank
+    tail: LowRank
+    tail_singular_values: Tensor
+    core_residual: float | None
+    """``||core - U S V^T||_F`` of the small SVD, in float64: how far ``head + tail`` is from ``x`` in the
+    basis of its factors (the rounding of the decomposition, not of forming the factors afterwards). On the
+    dense path, ``||L R - U S V^T||_F`` of the formed product, subtracted in its own precision."""
+
+
+def truncation(x: LowRank, rank: int, split: str = "balanced") -> Truncation:
+    """Best rank-``rank`` approximation of ``x`` (Eckart-Young), the exact SVD remainder, and its residual.
+
+    ``head`` always has inner dimension ``rank`` (padded with zero directions when ``x`` has lower rank),
+    ``head + tail == x`` up to rounding, and ``||tail||_F`` is the root-sum-square of the tail's singular
+    values. The residual lets a caller know the error of ``head`` (``sqrt(residual^2 + ||tail||^2)``) or of
+    ``head + tail`` (the residual) from the small core, without another pass over the factors.
     """
     m, n = x.shape
-    u, s, vh = svd(x)
+    if x.rank == 0:
+        u, s, vh = svd(x)
+        residual = 0.0
+    elif prefers_dense(x):  # the product is formed anyway; its residual costs one more product, in place
+        product = x.left @ x.right
+        keep_all = min(x.rank, m, n)
+        u, s, vh = torch.linalg.svd(product, full_matrices=False)
+        u, s, vh = u[:, :keep_all], s[:keep_all], vh[:keep_all]
+        residual = float(torch.linalg.vector_norm(product.addmm_(u * s, vh, alpha=-1.0), dtype=torch.float64))
+        del product
+    else:
+        q1, core, q2 = _core(x)
+        u, s, vh = torch.linalg.svd(core, full_matrices=False)
+        residual = float((core.double() - (u.double() * s.double()) @ vh.double()).norm())
+        u, vh = q1 @ u, vh @ q2.mT
     keep = min(rank, s.numel())
     head = split_factors(u[:, :keep], s[:keep], vh[:keep], split)
     if keep < rank:
@@ -148,7 +176,13 @@ def truncate(x: LowRank, rank: int, split: str = "balanced") -> tuple[LowRank, L
             torch.cat([head.right, head.right.new_zeros(rank - keep, n)], dim=0),
         )
     tail = LowRank(u[:, keep:] * s[keep:], vh[keep:])
-    return head, tail, s[keep:]
+    return Truncation(head, tail, s[keep:], residual)
+
+
+def truncate(x: LowRank, rank: int, split: str = "balanced") -> tuple[LowRank, LowRank, Tensor]:
+    """``(head, tail, tail_singular_values)`` of :func:`truncation`."""
+    head, tail, tail_sv, _ = truncation(x, rank, split)
+    return head, tail, tail_sv
 
 
 def recompress(x: LowRank, rtol: float | None = None) -> LowRank:

@@ -147,3 +147,6 @@ class AggregationResult:
     errors: dict[str, float]
     error: float
     info: dict[str, object] = field(default_factory=dict)  # measurement sums; per-module dicts
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Wall time of each part of :meth:`~fedlora.aggregators.Aggregator.aggregate`: ``validate``, ``weights``,
+    ``combine`` (the method's rule: SVD, corrections), ``error``, ``payloads`` and ``bytes``."""

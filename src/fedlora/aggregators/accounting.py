@@ -17,6 +17,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
+import torch
+from torch import Tensor
+
 from .. import lowrank
 from ..types import ClientPayload, ClientUpdate, LoRAFactors, LowRank
 
@@ -43,21 +46,96 @@ def aggregation_errors(
     applied||^2, "error_den_sq": sum_m ||ideal - start||^2}`` (they ride in ``AggregationResult.info``), so a
     caller that aggregates groups of modules separately can combine the groups' overall error exactly. The
     error is measured in float64 from the stored factors: in float32 the cancellation in ``ideal - applied``
-    would otherwise leave rounding noise (~1e-5 relative) in an exact method's error.
+    would otherwise leave rounding noise (~1e-5 relative) in an exact method's error. With
+    ``rnd.error_measure == "core"`` the numerator comes from the method's core where it recorded one
+    (``rnd.core_errors``) and the denominator from the move Gram (:func:`move_gram`).
     """
     errors, num_sq, den_sq = {}, 0.0, 0.0
     for m, state in rnd.global_state.items():
-        ideal = ideal_update(rnd, m)
-        applied = [as_lowrank64(new_factors[m])]
-        if m in corrections:
-            applied.append(as_lowrank64(None, corrections[m]))
-        num = lowrank.frobenius_norm(lowrank.concat([ideal, *applied], [1.0] + [-1.0] * len(applied)))
-        den = lowrank.frobenius_norm(lowrank.subtract(ideal, as_lowrank64(state.factors)))
+        ideal = None
+        num = rnd.core_errors.get(m) if rnd.error_measure == "core" else None
+        if num is None:
+            ideal = ideal_update(rnd, m)
+            applied = [as_lowrank64(new_factors[m])]
+            if m in corrections:
+                applied.append(as_lowrank64(None, corrections[m]))
+            num = lowrank.frobenius_norm(lowrank.concat([ideal, *applied], [1.0] + [-1.0] * len(applied)))
+        den = _move_norm(rnd, m)
+        if den is None:
+            ideal = ideal_update(rnd, m) if ideal is None else ideal
+            den = lowrank.frobenius_norm(lowrank.subtract(ideal, as_lowrank64(state.factors)))
         errors[m] = error_ratio(num, den)
         num_sq += num * num
         den_sq += den * den
     sums = {"error_num_sq": num_sq, "error_den_sq": den_sq}
     return errors, error_ratio(math.sqrt(num_sq), math.sqrt(den_sq)), sums
+
+
+def _move_norm(rnd: Round, module: str) -> float | None:
+    """``||ideal - start||_F = sqrt(p^T G p)`` from the move Gram when it is at hand (cached, or ``"core"``)
+    and the weights sum to one (so ``ideal - start = sum_k p_k u_k``); else ``None``."""
+    if module not in rnd.move_grams and rnd.error_measure != "core":
+        return None
+    p = torch.tensor(rnd.weights, dtype=torch.float64)
+    if abs(float(p.sum()) - 1.0) > 1e-9:
+        return None
+    return math.sqrt(max(float(p @ move_gram(rnd, module) @ p), 0.0))
+
+
+def move_gram(rnd: Round, module: str) -> Tensor:
+    """``G[j, k] = <u_j, u_k>_F`` for the clients' moves ``u_k = s_k B_k A_k + F_k - s B0 A0`` of one module,
+    float64 ``(K, K)``, cached on the round (HEXA's cosine weights and the error's denominator share it).
+
+    When every client started from the global adapter itself (same rank and scale, no frozen term), the
+    moves are written from the factors' changes, ``u_k = s (dB_k A0 + dB_k dA_k + B0 dA_k)``, so no
+    difference of nearly equal products is ever formed: two Grams, of ``[dB_1 .. dB_K, B0]`` and of
+    ``[dA_1; ..; dA_K; A0]``, give every inner product, in the working precision with ``"core"`` (the terms
+    are at the moves' own scale) and in float64 with ``"exact"``. Otherwise one float64 Gram of
+    ``[F_1 .. F_K, S]`` (each client's whole update and the start) does it.
+    """
+    if module in rnd.move_grams:
+        return rnd.move_grams[module]
+    g = rnd.global_state[module].factors
+    K = len(rnd.updates)
+    same_start = all(
+        pay[module].frozen is None and t[module].scale == g.scale and t[module].rank == g.rank
+        and (pay[module].adapter is g or (torch.equal(pay[module].adapter.B, g.B)
+                                          and torch.equal(pay[module].adapter.A, g.A)))
+        for pay, t in zip(rnd.payloads, rnd.trained)
+    )
+    if same_start:
+        work = torch.float64 if rnd.error_measure == "exact" else g.B.dtype
+        B0, A0 = g.B.to(work), g.A.to(work)
+        left = torch.cat([t[module].B.to(work) - B0 for t in rnd.trained] + [B0], dim=1)
+        right = torch.cat([t[module].A.to(work) - A0 for t in rnd.trained] + [A0], dim=0)
+        r = g.rank
+        gl = (left.mT @ left).double().reshape(K + 1, r, K + 1, r)
+        gr = (right @ right.mT).double().reshape(K + 1, r, K + 1, r)
+        gram = (g.scale ** 2) * _pair_sums(gl, gr, K)
+    else:
+        terms = [as_lowrank64(rnd.trained[k][module], rnd.payloads[k][module].frozen) for k in range(K)]
+        full = lowrank.inner_matrix([*terms, as_lowrank64(g)])
+        gram = full[:K, :K] - full[:K, K:] - full[K:, :K] + full[K, K]
+    rnd.move_grams[module] = gram.cpu()
+    return rnd.move_grams[module]
+
+
+# u_k = X_k Y_base + X_k Y_k + X_base Y_k: (left block, right block) of each term, "c" the client's own.
+_MOVE_TERMS = (("c", "0"), ("c", "c"), ("0", "c"))
+
+
+def _pair_sums(gl: Tensor, gr: Tensor, K: int) -> Tensor:
+    """``sum over the terms of u_j and of u_k`` of ``<X_a Y_b, X_c Y_d> = sum(GL[a, :, c, :] * GR[b, :, d, :])``,
+    for every pair ``(j, k)``; ``gl``, ``gr`` are the Grams as ``(K + 1, r, K + 1, r)``, block ``K`` the base."""
+    def pick(g4: Tensor, first: str, second: str) -> Tensor:
+        g4 = g4[:K] if first == "c" else g4[K:].expand(K, *g4.shape[1:])
+        return g4[:, :, :K] if second == "c" else g4[:, :, K:].expand(*g4.shape[:2], K, g4.shape[3])
+
+    out = gl.new_zeros(K, K)
+    for a, b in _MOVE_TERMS:
+        for c, d in _MOVE_TERMS:
+            out += torch.einsum("jikl,jikl->jk", pick(gl, a, c), pick(gr, b, d))
+    return out
 
 
 def ideal_update(rnd: Round, module: str) -> LowRank:

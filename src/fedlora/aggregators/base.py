@@ -13,18 +13,24 @@ name.
 from __future__ import annotations
 
 import inspect
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
+
+from torch import Tensor
 
 from .. import lowrank
 from ..types import AggregationResult, ClientPayload, ClientUpdate, LoRAFactors, LowRank, ModuleState
 from .accounting import aggregation_errors, as_lowrank64, rank_energy, wire_bytes
 from .validation import GlobalState, client_rank, data_weights, validate_payloads, validate_round
 
+ERROR_MEASURES = ("exact", "core")
+
 __all__ = [  # as_lowrank64 and data_weights live elsewhere; re-exported for `from .base import ...` callers
     "AGGREGATORS",
+    "ERROR_MEASURES",
     "Aggregator",
     "GlobalState",
     "Round",
@@ -53,6 +59,11 @@ class Round:
     trained: list[dict[str, LoRAFactors]]
     weights: list[float]
     round_idx: int
+    error_measure: str = "exact"
+    core_errors: dict[str, float] = field(default_factory=dict)
+    """``||ideal - applied||_F`` per module where the method knows it from its small core (``"core"`` only)."""
+    move_grams: dict[str, Tensor] = field(default_factory=dict)
+    """Cache of :func:`~fedlora.aggregators.accounting.move_gram` per module."""
 
     @property
     def modules(self) -> list[str]:
@@ -131,6 +142,7 @@ class Aggregator(ABC):
         payloads: Mapping[str, Mapping[str, ClientPayload]] | None = None,
         next_payloads: bool = True,
         energy_rank: int | None = None,
+        error_measure: str = "exact",
     ) -> AggregationResult:
         """One round: validate, combine, measure the error against the ideal, count bytes.
 
@@ -157,7 +169,16 @@ class Aggregator(ABC):
             Also measure the share of the ideal update's energy above this rank (the smallest client rank of
             a heterogeneous federation): ``info["rank_energy"]`` per module, plus ``energy_above_sq`` and
             ``energy_sq`` (see :func:`~fedlora.aggregators.accounting.rank_energy`).
+        error_measure : str (default: "exact")
+            How the aggregation error is measured. ``"exact"``: in float64 from the stored factors of the ideal
+            and of what is applied, rounding of the output factors included. ``"core"``: from the small core
+            where the method's algebra gives it (SVD re-factorisation: the tail's singular values and the
+            small SVD's residual) and the move Gram in the working precision, at about the cost of the
+            truncation alone; other modules are measured as with ``"exact"`` (see ``METHODS.md``).
         """
+        if error_measure not in ERROR_MEASURES:
+            raise ValueError(f"error_measure must be one of {', '.join(ERROR_MEASURES)}, got {error_measure!r}")
+        clock = _PartClock()
         checked = validate_round(global_state, updates)
         train_a, _ = self.trains(round_idx)
         if payloads is None:
@@ -171,21 +192,27 @@ class Aggregator(ABC):
             }
             for k, u in enumerate(checked)
         ]
-        rnd = Round(global_state, checked, started, trained, data_weights(checked), round_idx)
+        rnd = Round(global_state, checked, started, trained, data_weights(checked), round_idx, error_measure)
+        clock.lap("validate")
         rnd.weights = list(self.client_weights(rnd))
+        clock.lap("weights")
         new_factors, corrections = self._combine(rnd)
         new_state = {m: ModuleState(new_factors[m], global_state[m].layout) for m in global_state}
         corrections = {m: c for m, c in corrections.items() if c.rank > 0}
+        clock.lap("combine")
         errors, error, sums = aggregation_errors(rnd, new_factors, corrections)
         if energy_rank is not None:
             shares, energy_sums = rank_energy(rnd, energy_rank)
             sums = {**sums, **energy_sums, "rank_energy": shares}
+        clock.lap("error")
 
         following = {
             u.client_id: self.payload(new_state, client_rank(u), round_idx + 1) for u in checked
         } if next_payloads else {}
+        clock.lap("payloads")
         itemsize = next(iter(global_state.values())).factors.B.element_size()
         bytes_up, bytes_down = wire_bytes(checked, following, corrections, ship_a=train_a, itemsize=itemsize)
+        clock.lap("bytes")
         return AggregationResult(
             global_state=new_state,
             client_payloads=following,
@@ -196,7 +223,21 @@ class Aggregator(ABC):
             errors=errors,
             error=error,
             info=sums,
+            seconds=clock.seconds,
         )
+
+
+class _PartClock:
+    """Seconds spent in each named part of a call, lap by lap."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, part: str) -> None:
+        now = time.perf_counter()
+        self.seconds[part] = self.seconds.get(part, 0.0) + now - self._last
+        self._last = now
 
 
 # ---------------------------------------------------------------- registry

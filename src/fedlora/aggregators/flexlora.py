@@ -27,4 +27,4 @@ class FlexLoRA(Aggregator):
     exact = False
 
     def _combine(self, rnd: Round):
-        return {m: refactorized(rnd, m)[0] for m in rnd.modules}, {}
+        return {m: refactorized(rnd, m, folded=False)[0] for m in rnd.modules}, {}

@@ -52,7 +52,7 @@ class FRALoRA(Aggregator):
         split = "left" if switch else self.split
         factors, corrections = {}, {}
         for m in rnd.modules:
-            factors[m], tail = refactorized(rnd, m, split)
+            factors[m], tail = refactorized(rnd, m, split, folded=self.fold_tail)
             if switch:
                 factors[m] = _orthonormal_free_rows(factors[m])
             if self.fold_tail:

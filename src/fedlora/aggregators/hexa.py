@@ -28,7 +28,7 @@ import torch
 
 from .. import lowrank
 from ..types import AggregationInputError, ClientPayload, LoRAFactors
-from .accounting import as_lowrank64
+from .accounting import move_gram
 from .base import Aggregator, Round, register
 from .rules import exact_residual, padded_mean, refactorized
 
@@ -74,16 +74,13 @@ class HEXA(Aggregator):
 
     @staticmethod
     def _cosine_divergence(rnd: Round) -> list[float]:
-        # In float64: a move is a difference of nearly equal products, and in float32 its inner products
-        # lose most of their digits to that cancellation (weights off by 1e-4 relative, measured).
-        # One Gram matrix of [F_1 .. F_n, S] per module (F_k client k's update, S the start) gives every
-        # <u_j, u_k> with u_k = F_k - S: the n^2 inner products of moves cost one stacked product.
+        # The moves' Gram (accounting.move_gram) gives every <u_j, u_k> without forming a move densely, from
+        # the factors' changes where clients started from the global adapter (no cancellation), else in
+        # float64; the error's denominator reuses it.
         n = len(rnd.updates)
-        gram = torch.zeros(n + 1, n + 1, dtype=torch.float64)
-        for m, state in rnd.global_state.items():
-            terms = [as_lowrank64(rnd.trained[k][m], rnd.payloads[k][m].frozen) for k in range(n)]
-            gram += lowrank.inner_matrix([*terms, as_lowrank64(state.factors)]).cpu()
-        moves = gram[:n, :n] - gram[:n, n:] - gram[n:, :n] + gram[n, n]
+        moves = torch.zeros(n, n, dtype=torch.float64)
+        for m in rnd.global_state:
+            moves += move_gram(rnd, m)
         p = torch.tensor(rnd.weights, dtype=torch.float64)
         dots, norms_sq, mean_sq = (moves @ p).tolist(), moves.diagonal().tolist(), float(p @ moves @ p)
         out = []

@@ -85,9 +85,18 @@ def revive_dead_ranks(factors: LoRAFactors, seed: int) -> LoRAFactors:
     return LoRAFactors(factors.B, A, factors.scale)
 
 
-def refactorized(rnd: Round, module: str, split: str = "balanced") -> tuple[LoRAFactors, LowRank]:
-    """Top-``r`` SVD of ``M = sum_k p_k (client k's update)`` as the new adapter, and the exact tail."""
+def refactorized(rnd: Round, module: str, split: str = "balanced", *,
+                 folded: bool = True) -> tuple[LoRAFactors, LowRank]:
+    """Top-``r`` SVD of ``M = sum_k p_k (client k's update)`` as the new adapter, and the exact tail.
+
+    ``folded`` says whether the caller folds the tail into ``W``: with ``rnd.error_measure == "core"`` the
+    module's error ``||M - applied||`` is then known from the small core (the SVD's residual, plus the tail's
+    singular values when it is dropped) and recorded in ``rnd.core_errors``.
+    """
     g = rnd.global_state[module].factors
-    head, tail, _ = lowrank.truncate(rnd.mean_update(module), g.rank, split)
+    head, tail, tail_sv, residual = lowrank.truncation(rnd.mean_update(module), g.rank, split)
+    if rnd.error_measure == "core" and residual is not None:
+        dropped = 0.0 if folded else float(tail_sv.double().square().sum())
+        rnd.core_errors[module] = math.sqrt(residual * residual + dropped)
     factors = lowrank.factors_from_product(head, g.scale, split)
     return revive_dead_ranks(factors, seed=zlib.crc32(f"{rnd.round_idx}:{module}".encode())), tail

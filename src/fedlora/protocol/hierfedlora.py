@@ -186,7 +186,8 @@ class HierFedLoRA(RoundStrategy):
         sub = {m: group.state[m] for m in modules}
         updates = [self._update(tasks[c], accepted[c], modules) for c in done]
         payloads = {c: {m: self._payloads[c][m] for m in modules} for c in done}
-        res = self.aggregator.aggregate(sub, updates, round_idx, payloads=payloads, next_payloads=False)
+        res = self.aggregator.aggregate(sub, updates, round_idx, payloads=payloads, next_payloads=False,
+                                        error_measure=self.error_measure)
         group.state.update(res.global_state)
         for m, c in res.corrections.items():
             group.frozen[m] = lowrank.compact(lowrank.concat([group.frozen[m], c]) if m in group.frozen else c)
@@ -212,7 +213,7 @@ class HierFedLoRA(RoundStrategy):
                                     factors={m: self._groups_now[g].state[m].factors for m in modules})
                        for g in groups]
             res = self.global_rule.aggregate(sub, updates, round_idx, payloads={ids[g]: payload for g in groups},
-                                             next_payloads=False)
+                                             next_payloads=False, error_measure=self.error_measure)
             new_state.update(res.global_state)
             for m in modules:
                 terms = [res.corrections[m]] if m in res.corrections else []

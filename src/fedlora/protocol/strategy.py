@@ -104,6 +104,9 @@ class RoundStrategy:
         Client-level DP at the server (:mod:`fedlora.privacy.client_level`): the replies are clipped and the
         round releases their noisy fixed-denominator mean, split as FRA with ``fold_tail`` does; the
         aggregator's own combination is not used.
+    error_measure : str (default: "exact")
+        How each aggregation measures its error (:meth:`fedlora.aggregators.Aggregator.aggregate`): ``"exact"``
+        in float64 from the factors, ``"core"`` from the small core where the method's algebra allows.
 
     A round is ``exchanges_per_round`` exchanges (one here; a hierarchical strategy makes more): for each
     ``step``, ``configure_train`` then ``aggregate_train``, and the last step's result is the round's.
@@ -128,8 +131,10 @@ class RoundStrategy:
         update_bound: tuple[float, str] | None = None,
         privacy: dict[str, dict] | None = None,
         client_dp: ClientDP | None = None,
+        error_measure: str = "exact",
     ):
         self.aggregator = aggregator
+        self.error_measure = error_measure
         self.client_dp = client_dp
         self.update_bound = update_bound
         self.privacy = dict(privacy or {})
@@ -372,5 +377,5 @@ class RoundStrategy:
         updates = [self._update(tasks[c], accepted[c], modules) for c in group]
         payloads = {c: {m: self._payloads[c][m] for m in modules} for c in group}
         return self.aggregator.aggregate(sub, updates, round_idx, payloads=payloads, next_payloads=False,
-                                         energy_rank=energy_rank)
+                                         energy_rank=energy_rank, error_measure=self.error_measure)
 

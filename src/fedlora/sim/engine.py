@@ -75,7 +75,8 @@ class Simulation:
         kwargs = dict(train=train_settings(cfg.train), ranks=self.client_ranks, seed=cfg.seed,
                       history=CorrectionHistory(load=self._corrections_of),
                       update_bound=(bound, cfg.privacy.bound_mode) if bound is not None else None,
-                      privacy=self.ledger.settings if self.ledger is not None else None, client_dp=self.client_dp)
+                      privacy=self.ledger.settings if self.ledger is not None else None, client_dp=self.client_dp,
+                      error_measure=cfg.federation.error_measure)
         if self.method == HierFedLoRA.name:
             self.strategy = build_hierarchy(hier_options(cfg.federation.method_options), self.clock,
                                             self.data.histograms, self.host.read_state(), head, **kwargs)
