@@ -27,10 +27,20 @@ def concat(terms: Sequence[LowRank], coeffs: Sequence[float] | None = None) -> L
         if t.shape != (m, n):
             raise ValueError(f"cannot add products of shapes {(m, n)} and {t.shape}")
     if coeffs is None:
-        lefts = [t.left for t in terms]
-    else:
-        lefts = [t.left * float(c) for t, c in zip(terms, coeffs, strict=True)]
-    return LowRank(torch.cat(lefts, dim=1), torch.cat([t.right for t in terms], dim=0))
+        left = torch.cat([t.left for t in terms], dim=1)
+    else:  # scaled straight into the stacked factor: one pass over the lefts, no scaled copies
+        coeffs = list(coeffs)
+        if len(coeffs) != len(terms):
+            raise ValueError(f"concat: {len(terms)} terms but {len(coeffs)} coefficients")
+        dtype = torch.result_type(terms[0].left, 1.0)
+        for t in terms[1:]:
+            dtype = torch.promote_types(dtype, t.left.dtype)
+        left = torch.empty(m, sum(t.rank for t in terms), dtype=dtype, device=terms[0].left.device)
+        start = 0
+        for t, c in zip(terms, coeffs):
+            torch.mul(t.left, float(c), out=left[:, start:start + t.rank])
+            start += t.rank
+    return LowRank(left, torch.cat([t.right for t in terms], dim=0))
 
 
 def subtract(a: LowRank, b: LowRank) -> LowRank:
@@ -45,8 +55,25 @@ two QRs of the factored path, in time and in memory (``benchmarks/aggregation.py
 
 def prefers_dense(x: LowRank) -> bool:
     """Whether :func:`svd` and :func:`frobenius_norm` take the dense path for ``x`` (same results)."""
-    m, n = x.shape
-    return x.rank >= DENSE_FRACTION * min(m, n)
+    return dense_is_cheaper(*x.shape, x.rank)
+
+
+def dense_is_cheaper(m: int, n: int, k: int) -> bool:
+    """Whether an ``(m, n)`` product of inner dimension ``k`` is better formed than kept factored."""
+    return k >= DENSE_FRACTION * min(m, n)
+
+
+def dense_sum(terms: Sequence[LowRank], coeffs: Sequence[float]) -> Tensor:
+    """``sum_i c_i L_i R_i`` as a dense matrix, accumulated term by term (the factors are never stacked)."""
+    m, n = terms[0].shape
+    dtype = terms[0].left.dtype
+    for t in terms[1:]:
+        dtype = torch.promote_types(dtype, t.left.dtype)
+    out = torch.zeros(m, n, dtype=dtype, device=terms[0].left.device)
+    for t, c in zip(terms, coeffs, strict=True):
+        if t.rank:
+            out.addmm_(t.left.to(dtype), t.right.to(dtype), alpha=float(c))
+    return out
 
 
 def _core(x: LowRank) -> tuple[Tensor, Tensor, Tensor]:
@@ -122,14 +149,8 @@ def inner_matrix(terms: Sequence[LowRank]) -> Tensor:
 def split_factors(u: Tensor, s: Tensor, vh: Tensor, split: str = "balanced") -> LowRank:
     """Turn an SVD into two factors: ``balanced`` (U S^1/2, S^1/2 V^T), ``left`` (U S, V^T), ``right``
     (U, S V^T)."""
-    if split == "balanced":
-        root = s.sqrt()
-        return LowRank(u * root, root[:, None] * vh)
-    if split == "left":
-        return LowRank(u * s, vh)
-    if split == "right":
-        return LowRank(u, s[:, None] * vh)
-    raise ValueError(f"unknown split {split!r}; expected 'balanced', 'left' or 'right'")
+    left_scale, right_scale = _split_scales(s, split)
+    return LowRank(u * left_scale, right_scale[:, None] * vh)
 
 
 class Truncation(NamedTuple):
@@ -138,7 +159,7 @@ class Truncation(NamedTuple):
     head: LowRank
     tail: LowRank
     tail_singular_values: Tensor
-    core_residual: float | None
+    core_residual: float
     """``||core - U S V^T||_F`` of the small SVD, in float64: how far ``head + tail`` is from ``x`` in the
     basis of its factors (the rounding of the decomposition, not of forming the factors afterwards). On the
     dense path, ``||L R - U S V^T||_F`` of the formed product, subtracted in its own precision."""
@@ -155,28 +176,56 @@ def truncation(x: LowRank, rank: int, split: str = "balanced") -> Truncation:
     m, n = x.shape
     if x.rank == 0:
         u, s, vh = svd(x)
-        residual = 0.0
-    elif prefers_dense(x):  # the product is formed anyway; its residual costs one more product, in place
-        product = x.left @ x.right
-        keep_all = min(x.rank, m, n)
-        u, s, vh = torch.linalg.svd(product, full_matrices=False)
-        u, s, vh = u[:, :keep_all], s[:keep_all], vh[:keep_all]
-        residual = float(torch.linalg.vector_norm(product.addmm_(u * s, vh, alpha=-1.0), dtype=torch.float64))
-        del product
-    else:
-        q1, core, q2 = _core(x)
-        u, s, vh = torch.linalg.svd(core, full_matrices=False)
-        residual = float((core.double() - (u.double() * s.double()) @ vh.double()).norm())
-        u, vh = q1 @ u, vh @ q2.mT
+        return Truncation(_pad_head(split_factors(u, s, vh, split), rank), LowRank(u, vh), s, 0.0)
+    if prefers_dense(x):
+        return dense_truncation(x.left @ x.right, x.rank, rank, split)
+    q1, core, q2 = _core(x)
+    u, s, vh = torch.linalg.svd(core, full_matrices=False)
+    residual = float((core.double() - (u.double() * s.double()) @ vh.double()).norm())
+    # The singular values go onto the small SVD factors before the two products with Q1 and Q2, so head and
+    # tail come out of them directly (no pass over the (m, k) and (k, n) results).
+    keep = min(rank, s.numel())
+    left_scale, right_scale = _split_scales(s[:keep], split)
+    head = LowRank(q1 @ (u[:, :keep] * left_scale), (right_scale[:, None] * vh[:keep]) @ q2.mT)
+    tail = LowRank(q1 @ (u[:, keep:] * s[keep:]), vh[keep:] @ q2.mT)
+    return Truncation(_pad_head(head, rank), tail, s[keep:], residual)
+
+
+def dense_truncation(product: Tensor, inner: int, rank: int, split: str = "balanced") -> Truncation:
+    """:func:`truncation` of a formed product of inner dimension ``inner`` (for when :func:`dense_is_cheaper`
+    and the caller accumulated the sum itself, never stacking the factors). ``product`` is overwritten: its
+    residual ``product - U S V^T`` is taken in place, one more product of the same size."""
+    m, n = product.shape
+    keep_all = min(inner, m, n)
+    u, s, vh = torch.linalg.svd(product, full_matrices=False)
+    u, s, vh = u[:, :keep_all], s[:keep_all], vh[:keep_all]
+    residual = float(torch.linalg.vector_norm(product.addmm_(u * s, vh, alpha=-1.0), dtype=torch.float64))
+    del product
     keep = min(rank, s.numel())
     head = split_factors(u[:, :keep], s[:keep], vh[:keep], split)
-    if keep < rank:
-        head = LowRank(
-            torch.cat([head.left, head.left.new_zeros(m, rank - keep)], dim=1),
-            torch.cat([head.right, head.right.new_zeros(rank - keep, n)], dim=0),
-        )
     tail = LowRank(u[:, keep:] * s[keep:], vh[keep:])
-    return Truncation(head, tail, s[keep:], residual)
+    return Truncation(_pad_head(head, rank), tail, s[keep:], residual)
+
+
+def _split_scales(s: Tensor, split: str) -> tuple[Tensor, Tensor]:
+    """What :func:`split_factors` multiplies ``U``'s columns and ``V^T``'s rows by."""
+    if split == "balanced":
+        root = s.sqrt()
+        return root, root
+    if split == "left":
+        return s, torch.ones_like(s)
+    if split == "right":
+        return torch.ones_like(s), s
+    raise ValueError(f"unknown split {split!r}; expected 'balanced', 'left' or 'right'")
+
+
+def _pad_head(head: LowRank, rank: int) -> LowRank:
+    """Zero directions up to inner dimension ``rank`` (when ``x`` has lower rank than asked)."""
+    m, n = head.shape
+    if head.rank >= rank:
+        return head
+    return LowRank(torch.cat([head.left, head.left.new_zeros(m, rank - head.rank)], dim=1),
+                   torch.cat([head.right, head.right.new_zeros(rank - head.rank, n)], dim=0))
 
 
 def truncate(x: LowRank, rank: int, split: str = "balanced") -> tuple[LowRank, LowRank, Tensor]:

@@ -164,3 +164,18 @@ def test_core_error_with_one_client_is_zero_for_exact_methods():
     sc = scenario(agg, F64, seed=5, K=1)
     res = agg.aggregate(sc.global_state, sc.updates, error_measure="core")
     assert res.error <= 1e-12 and math.isfinite(res.error)
+
+
+@pytest.mark.parametrize("modules", [MODULES, SMALL], ids=["factored", "dense"])
+@pytest.mark.parametrize("measure", ["exact", "core"])
+def test_heterogeneous_ranks_with_frozen_terms_report_the_dense_error(modules, measure):
+    """HEXA's exact ranks: clients below the global rank hold frozen terms, so the moves are not changes of
+    the global factors and both paths fall back to whole updates (``dense_sum`` on the dense path)."""
+    agg = get_aggregator("hexa", beta=0.5)
+    spec = Spec(modules=modules, rank=3, client_ranks=(3, 2, 1), weight_mode="size", alpha=8.0, seed=9)
+    sc = build(agg, spec, F64)
+    res = agg.aggregate(sc.global_state, sc.updates, payloads={u.client_id: p for u, p in zip(sc.updates, sc.payloads)},
+                        error_measure=measure)
+    per, total, _, _ = dense_reported(sc, res)
+    assert total <= 1e-9 and res.error == pytest.approx(total, rel=1e-6, abs=1e-12)
+    assert [res.weights[u.client_id] for u in sc.updates] == pytest.approx(hexa_cosine_weights(sc, 0.5), rel=1e-9)

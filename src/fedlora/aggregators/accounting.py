@@ -79,7 +79,48 @@ def _move_norm(rnd: Round, module: str) -> float | None:
     p = torch.tensor(rnd.weights, dtype=torch.float64)
     if abs(float(p.sum()) - 1.0) > 1e-9:
         return None
+    if module in rnd.move_norms:
+        return rnd.move_norms[module]
     return math.sqrt(max(float(p @ move_gram(rnd, module) @ p), 0.0))
+
+
+def dense_mean_update(rnd: Round, module: str) -> Tensor:
+    """``M = sum_k p_k (client k's update)`` as a dense matrix, accumulated term by term.
+
+    When every client started from the global adapter and the weights sum to one, ``M`` is formed as
+    ``sum_k p_k u_k`` from the factors' changes (no cancellation) plus ``s B0 A0``: the norm of the first part
+    is the error's denominator ``||ideal - start||``, recorded in ``rnd.move_norms`` on the way for free.
+    """
+    g = rnd.global_state[module].factors
+    if not (_starts_from_global(rnd, module) and abs(sum(rnd.weights) - 1.0) <= 1e-9):
+        return lowrank.dense_sum([rnd.full(k, module) for k in range(len(rnd.updates))], rnd.weights)
+    # sum_k p_k s dB_k A_k as one product of stacked factors (they are freed before the SVD, whose
+    # workspace is the larger peak); then s B0 sum_k p_k dA_k.
+    r, K = g.rank, len(rnd.updates)
+    changes = g.B.new_empty(g.B.shape[0], K * r)
+    stacked = g.A.new_empty(K * r, g.A.shape[1])
+    mean_dA, dA = torch.zeros_like(g.A), torch.empty_like(g.A)
+    for k, (pk, t) in enumerate(zip(rnd.weights, rnd.trained)):
+        f = t[module]
+        torch.sub(f.B, g.B, out=changes[:, k * r:(k + 1) * r]).mul_(pk * g.scale)
+        stacked[k * r:(k + 1) * r] = f.A
+        mean_dA.add_(torch.sub(f.A, g.A, out=dA), alpha=pk)
+    out = changes @ stacked
+    del changes, stacked
+    out.addmm_(g.B, mean_dA, alpha=g.scale)
+    rnd.move_norms[module] = float(torch.linalg.vector_norm(out, dtype=torch.float64))
+    return out.addmm_(g.B, g.A, alpha=g.scale)
+
+
+def _starts_from_global(rnd: Round, module: str) -> bool:
+    """Every client trained from the global adapter itself: same rank and scale, no frozen term."""
+    g = rnd.global_state[module].factors
+    return all(
+        pay[module].frozen is None and t[module].scale == g.scale and t[module].rank == g.rank
+        and (pay[module].adapter is g or (torch.equal(pay[module].adapter.B, g.B)
+                                          and torch.equal(pay[module].adapter.A, g.A)))
+        for pay, t in zip(rnd.payloads, rnd.trained)
+    )
 
 
 def move_gram(rnd: Round, module: str) -> Tensor:
@@ -97,18 +138,16 @@ def move_gram(rnd: Round, module: str) -> Tensor:
         return rnd.move_grams[module]
     g = rnd.global_state[module].factors
     K = len(rnd.updates)
-    same_start = all(
-        pay[module].frozen is None and t[module].scale == g.scale and t[module].rank == g.rank
-        and (pay[module].adapter is g or (torch.equal(pay[module].adapter.B, g.B)
-                                          and torch.equal(pay[module].adapter.A, g.A)))
-        for pay, t in zip(rnd.payloads, rnd.trained)
-    )
-    if same_start:
+    if _starts_from_global(rnd, module):
         work = torch.float64 if rnd.error_measure == "exact" else g.B.dtype
-        B0, A0 = g.B.to(work), g.A.to(work)
-        left = torch.cat([t[module].B.to(work) - B0 for t in rnd.trained] + [B0], dim=1)
-        right = torch.cat([t[module].A.to(work) - A0 for t in rnd.trained] + [A0], dim=0)
         r = g.rank
+        left = g.B.new_empty(g.B.shape[0], (K + 1) * r, dtype=work)  # [dB_1 .. dB_K, B0]
+        right = g.A.new_empty((K + 1) * r, g.A.shape[1], dtype=work)  # [dA_1; ..; dA_K; A0]
+        left[:, K * r:], right[K * r:] = g.B, g.A
+        B0, A0 = left[:, K * r:], right[K * r:]
+        for k, t in enumerate(rnd.trained):
+            torch.sub(t[module].B.to(work), B0, out=left[:, k * r:(k + 1) * r])
+            torch.sub(t[module].A.to(work), A0, out=right[k * r:(k + 1) * r])
         gl = (left.mT @ left).double().reshape(K + 1, r, K + 1, r)
         gr = (right @ right.mT).double().reshape(K + 1, r, K + 1, r)
         gram = (g.scale ** 2) * _pair_sums(gl, gr, K)

@@ -64,6 +64,8 @@ class Round:
     """``||ideal - applied||_F`` per module where the method knows it from its small core (``"core"`` only)."""
     move_grams: dict[str, Tensor] = field(default_factory=dict)
     """Cache of :func:`~fedlora.aggregators.accounting.move_gram` per module."""
+    move_norms: dict[str, float] = field(default_factory=dict)
+    """``||ideal - start||_F`` per module where forming ``M`` gave it (:func:`~.accounting.dense_mean_update`)."""
 
     @property
     def modules(self) -> list[str]:
@@ -73,6 +75,11 @@ class Round:
         adapter = self.trained[k][module].as_lowrank()
         frozen = self.payloads[k][module].frozen
         return adapter if frozen is None else lowrank.concat([adapter, frozen])
+
+    def inner_rank(self, module: str) -> int:
+        """Inner dimension of :meth:`mean_update`: every client's rank plus its frozen term's."""
+        return sum(t[module].rank + (0 if p[module].frozen is None else p[module].frozen.rank)
+                   for t, p in zip(self.trained, self.payloads))
 
     def mean_update(self, module: str, weights: Sequence[float] | None = None) -> LowRank:
         """``M = sum_k p_k (s_k B_k A_k + F_k)`` as one stacked product (never dense)."""

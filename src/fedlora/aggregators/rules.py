@@ -16,6 +16,7 @@ import torch
 
 from .. import lowrank
 from ..types import LoRAFactors, LowRank
+from .accounting import dense_mean_update
 from .base import Round
 
 
@@ -94,8 +95,13 @@ def refactorized(rnd: Round, module: str, split: str = "balanced", *,
     singular values when it is dropped) and recorded in ``rnd.core_errors``.
     """
     g = rnd.global_state[module].factors
-    head, tail, tail_sv, residual = lowrank.truncation(rnd.mean_update(module), g.rank, split)
-    if rnd.error_measure == "core" and residual is not None:
+    inner = rnd.inner_rank(module)
+    if inner and lowrank.dense_is_cheaper(*g.shape, inner):  # formed term by term, as a dense reference would
+        cut = lowrank.dense_truncation(dense_mean_update(rnd, module), inner, g.rank, split)
+    else:
+        cut = lowrank.truncation(rnd.mean_update(module), g.rank, split)
+    head, tail, tail_sv, residual = cut
+    if rnd.error_measure == "core":
         dropped = 0.0 if folded else float(tail_sv.double().square().sum())
         rnd.core_errors[module] = math.sqrt(residual * residual + dropped)
     factors = lowrank.factors_from_product(head, g.scale, split)
