@@ -223,3 +223,31 @@ def test_sst2_imbalanced_split():
     hist = label_histograms(labels, partition_labels(labels, 3, "imbalanced", seed=0), 2)
     assert np.argmax(hist, axis=1).tolist() == [0, 1, 0]
     assert np.allclose(hist.max(axis=1) / hist.sum(axis=1), 0.9, atol=1e-3)
+
+
+def test_dirichlet_tries_derived_seeds_when_flowers_redraws_miss_the_minimum():
+    """Binary labels at alpha 0.1 with a minimum of 10: a seed whose 10 Flower redraws all miss it gets a
+    partition from the seeds derived after it; a seed that succeeds at once keeps Flower's own draw."""
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    from fedlora.partition.base import flwr_indices
+
+    labels = np.random.default_rng(3).permutation(np.array([0] * 9000 + [1] * 11000))
+
+    def flower(seed):
+        part = DirichletPartitioner(num_partitions=10, partition_by="label", alpha=0.1, min_partition_size=10,
+                                    self_balancing=False, shuffle=True, seed=seed)
+        try:
+            return flwr_indices(part, labels)
+        except ValueError:
+            return None
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        draws = {seed: flower(seed) for seed in range(12)}
+        failing = next(s for s, d in draws.items() if d is None)
+        passing = next(s for s, d in draws.items() if d is not None)
+        rescued = partition_labels(labels, 10, "dirichlet", seed=failing, alpha=0.1, min_partition_size=10)
+        kept = partition_labels(labels, 10, "dirichlet", seed=passing, alpha=0.1, min_partition_size=10)
+    assert min(len(p) for p in rescued) >= 10 and sum(len(p) for p in rescued) == len(labels)
+    assert all(np.array_equal(np.sort(a), np.sort(b)) for a, b in zip(kept, draws[passing], strict=True))
