@@ -32,15 +32,20 @@ def concat(terms: Sequence[LowRank], coeffs: Sequence[float] | None = None) -> L
         coeffs = list(coeffs)
         if len(coeffs) != len(terms):
             raise ValueError(f"concat: {len(terms)} terms but {len(coeffs)} coefficients")
-        dtype = torch.result_type(terms[0].left, 1.0)
-        for t in terms[1:]:
-            dtype = torch.promote_types(dtype, t.left.dtype)
-        left = torch.empty(m, sum(t.rank for t in terms), dtype=dtype, device=terms[0].left.device)
+        left = torch.empty(m, sum(t.rank for t in terms), dtype=_sum_dtype(terms), device=terms[0].left.device)
         start = 0
         for t, c in zip(terms, coeffs):
             torch.mul(t.left, float(c), out=left[:, start:start + t.rank])
             start += t.rank
     return LowRank(left, torch.cat([t.right for t in terms], dim=0))
+
+
+def _sum_dtype(terms: Sequence[LowRank]) -> torch.dtype:
+    """The floating dtype a weighted sum of ``terms`` is formed in: their left factors' dtypes promoted."""
+    dtype = torch.result_type(terms[0].left, 1.0)
+    for t in terms[1:]:
+        dtype = torch.promote_types(dtype, t.left.dtype)
+    return dtype
 
 
 def subtract(a: LowRank, b: LowRank) -> LowRank:
@@ -68,9 +73,7 @@ def dense_is_cheaper(m: int, n: int, k: int) -> bool:
 def dense_sum(terms: Sequence[LowRank], coeffs: Sequence[float]) -> Tensor:
     """``sum_i c_i L_i R_i`` as a dense matrix, accumulated term by term (the factors are never stacked)."""
     m, n = terms[0].shape
-    dtype = terms[0].left.dtype
-    for t in terms[1:]:
-        dtype = torch.promote_types(dtype, t.left.dtype)
+    dtype = _sum_dtype(terms)
     out = torch.zeros(m, n, dtype=dtype, device=terms[0].left.device)
     for t, c in zip(terms, coeffs, strict=True):
         if t.rank:

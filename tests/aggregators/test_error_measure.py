@@ -91,24 +91,28 @@ def test_core_hexa_weights_match_dense_cosine_weights(dtype):
     assert got == pytest.approx(want, rel=1e-9 if dtype == F64 else 1e-5)
 
 
-def _round(sc, agg, measure):
-    payloads = [agg.payload(sc.global_state, u.rank) for u in sc.updates]
-    trained = [dict(u.factors) for u in sc.updates]
-    return Round(sc.global_state, sc.updates, payloads, trained, data_weights(sc.updates), 0, measure)
+def _round(state, updates, payloads, measure):
+    """The round ``aggregate`` would build: each client trained from its payload, data-size weights."""
+    return Round(state, updates, list(payloads), [dict(u.factors) for u in updates], data_weights(updates), 0,
+                 measure)
+
+
+def gram(moves) -> torch.Tensor:
+    """``<u_j, u_k>_F`` of dense float64 moves."""
+    return torch.tensor([[float((a * b).sum()) for b in moves] for a in moves], dtype=F64)
 
 
 def dense_move_gram(sc, m) -> torch.Tensor:
     g = sc.global_state[m].factors
     s0 = g.scale * d64(g.B) @ d64(g.A)
-    moves = [client_full(sc, k, m) - s0 for k in range(len(sc.updates))]
-    return torch.tensor([[float((a * b).sum()) for b in moves] for a in moves], dtype=F64)
+    return gram([client_full(sc, k, m) - s0 for k in range(len(sc.updates))])
 
 
 @pytest.mark.parametrize("measure", ["exact", "core"])
 def test_move_gram_from_factor_changes_equals_dense(measure):
     agg = get_aggregator("hexa")
     sc = scenario(agg, F64, seed=7, K=4)
-    rnd = _round(sc, agg, measure)
+    rnd = _round(sc.global_state, sc.updates, sc.payloads, measure)
     for m in sc.names:
         want = dense_move_gram(sc, m)
         assert torch.allclose(move_gram(rnd, m), want, rtol=1e-10, atol=1e-10 * float(want.abs().max()))
@@ -120,9 +124,7 @@ def test_move_gram_with_frozen_terms_equals_dense():
     spec = Spec(modules=MODULES, rank=4, client_ranks=(4, 2, 1), weight_mode="size", alpha=8.0, seed=3)
     sc = build(agg, spec, torch.float32)
     assert any(p[m].frozen is not None for p in sc.payloads for m in sc.names)
-    payloads = list(sc.payloads)
-    rnd = Round(sc.global_state, sc.updates, payloads, [dict(u.factors) for u in sc.updates],
-                data_weights(sc.updates), 0, "core")
+    rnd = _round(sc.global_state, sc.updates, sc.payloads, "core")
     for m in sc.names:
         want = dense_move_gram(sc, m)
         assert torch.allclose(move_gram(rnd, m), want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
@@ -143,11 +145,9 @@ def test_small_moves_keep_their_digits_in_float32():
         updates.append(ClientUpdate(f"c{k}", {"m": LoRAFactors((d64(g32.B) + dB).float(),
                                                               (d64(g32.A) + dA).float(), 2.0)}, 10 + k))
     agg = get_aggregator("hexa")
-    payloads = [agg.payload(state, r) for _ in updates]
-    rnd = Round(state, updates, payloads, [dict(u.factors) for u in updates], data_weights(updates), 0, "core")
+    rnd = _round(state, updates, [agg.payload(state, r) for _ in updates], "core")
     s0 = 2.0 * d64(g32.B) @ d64(g32.A)
-    moves = [2.0 * d64(u.factors["m"].B) @ d64(u.factors["m"].A) - s0 for u in updates]
-    want = torch.tensor([[float((a * b).sum()) for b in moves] for a in moves], dtype=F64)
+    want = gram([2.0 * d64(u.factors["m"].B) @ d64(u.factors["m"].A) - s0 for u in updates])
     got = move_gram(rnd, "m")
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.diagonal().min()))
 

@@ -76,9 +76,9 @@ def _move_norm(rnd: Round, module: str) -> float | None:
     and the weights sum to one (so ``ideal - start = sum_k p_k u_k``); else ``None``."""
     if module not in rnd.move_grams and rnd.error_measure != "core":
         return None
-    p = torch.tensor(rnd.weights, dtype=torch.float64)
-    if abs(float(p.sum()) - 1.0) > 1e-9:
+    if not _weights_sum_to_one(rnd):
         return None
+    p = torch.tensor(rnd.weights, dtype=torch.float64)
     if module in rnd.move_norms:
         return rnd.move_norms[module]
     return math.sqrt(max(float(p @ move_gram(rnd, module) @ p), 0.0))
@@ -92,7 +92,7 @@ def dense_mean_update(rnd: Round, module: str) -> Tensor:
     is the error's denominator ``||ideal - start||``, recorded in ``rnd.move_norms`` on the way for free.
     """
     g = rnd.global_state[module].factors
-    if not (_starts_from_global(rnd, module) and abs(sum(rnd.weights) - 1.0) <= 1e-9):
+    if not (_starts_from_global(rnd, module) and _weights_sum_to_one(rnd)):
         return lowrank.dense_sum([rnd.full(k, module) for k in range(len(rnd.updates))], rnd.weights)
     # sum_k p_k s dB_k A_k as one product of stacked factors (they are freed before the SVD, whose
     # workspace is the larger peak); then s B0 sum_k p_k dA_k.
@@ -110,6 +110,11 @@ def dense_mean_update(rnd: Round, module: str) -> Tensor:
     out.addmm_(g.B, mean_dA, alpha=g.scale)
     rnd.move_norms[module] = float(torch.linalg.vector_norm(out, dtype=torch.float64))
     return out.addmm_(g.B, g.A, alpha=g.scale)
+
+
+def _weights_sum_to_one(rnd: Round) -> bool:
+    """Whether ``ideal - start = sum_k p_k u_k`` (the weights sum to one, to rounding)."""
+    return abs(math.fsum(rnd.weights) - 1.0) <= 1e-9
 
 
 def _starts_from_global(rnd: Round, module: str) -> bool:
