@@ -9,8 +9,8 @@ few dominant classes; large ``alpha`` (100) approaches IID. Every example is ass
 ``min_partition_size`` (default 1: every client gets an example) is met by redrawing all proportions;
 Flower gives up after 10 redraws, and the next seeds of a fixed sequence follow (:data:`SEED_ATTEMPTS`), so a
 seed whose first draws succeed keeps its partition; after all of them we raise :class:`PartitionError`
-(raise ``alpha``, lower ``num_clients`` or ``min_partition_size``). ``self_balancing`` (off by default, as in Flower) stops giving
-a client more once it holds more than ``N / K`` examples.
+(raise ``alpha``, lower ``num_clients`` or ``min_partition_size``). ``self_balancing`` (off by default, as in
+Flower) stops giving a client more once it holds more than ``N / K`` examples.
 
 Example
 -------
