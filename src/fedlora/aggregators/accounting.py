@@ -95,16 +95,15 @@ def dense_mean_update(rnd: Round, module: str) -> Tensor:
     if not (_starts_from_global(rnd, module) and _weights_sum_to_one(rnd)):
         return lowrank.dense_sum([rnd.full(k, module) for k in range(len(rnd.updates))], rnd.weights)
     # sum_k p_k s dB_k A_k as one product of stacked factors (they are freed before the SVD, whose
-    # workspace is the larger peak); then s B0 sum_k p_k dA_k.
+    # workspace is the larger peak); then s B0 sum_k p_k dA_k. Whole-stack operations, not a loop over
+    # clients: at K = 50 the per-client calls cost more than the arithmetic.
     r, K = g.rank, len(rnd.updates)
-    changes = g.B.new_empty(g.B.shape[0], K * r)
-    stacked = g.A.new_empty(K * r, g.A.shape[1])
-    mean_dA, dA = torch.zeros_like(g.A), torch.empty_like(g.A)
-    for k, (pk, t) in enumerate(zip(rnd.weights, rnd.trained)):
-        f = t[module]
-        torch.sub(f.B, g.B, out=changes[:, k * r:(k + 1) * r]).mul_(pk * g.scale)
-        stacked[k * r:(k + 1) * r] = f.A
-        mean_dA.add_(torch.sub(f.A, g.A, out=dA), alpha=pk)
+    n = g.A.shape[1]
+    p = torch.tensor(rnd.weights, dtype=g.B.dtype, device=g.B.device)
+    changes = torch.cat([t[module].B for t in rnd.trained], dim=1)  # (d_out, K r): [dB_1 .. dB_K] below
+    changes.view(-1, K, r).sub_(g.B.unsqueeze(1)).mul_((p * g.scale).view(1, K, 1))
+    stacked = torch.cat([t[module].A for t in rnd.trained], dim=0)  # (K r, d_in)
+    mean_dA = torch.tensordot(p, stacked.view(K, r, n) - g.A, dims=1)
     out = changes @ stacked
     del changes, stacked
     out.addmm_(g.B, mean_dA, alpha=g.scale)

@@ -95,13 +95,13 @@ def refactorized(rnd: Round, module: str, split: str = "balanced", *,
     singular values when it is dropped) and recorded in ``rnd.core_errors``.
     """
     g = rnd.global_state[module].factors
-    inner = rnd.inner_rank(module)
+    inner, core = rnd.inner_rank(module), rnd.error_measure == "core"
     if inner and lowrank.dense_is_cheaper(*g.shape, inner):  # formed term by term, as a dense reference would
-        cut = lowrank.dense_truncation(dense_mean_update(rnd, module), inner, g.rank, split)
+        cut = lowrank.dense_truncation(dense_mean_update(rnd, module), inner, g.rank, split, residual=core)
     else:
-        cut = lowrank.truncation(rnd.mean_update(module), g.rank, split)
+        cut = lowrank.truncation(rnd.mean_update(module), g.rank, split, residual=core)
     head, tail, tail_sv, residual = cut
-    if rnd.error_measure == "core":
+    if core:
         dropped = 0.0 if folded else float(tail_sv.double().square().sum())
         rnd.core_errors[module] = math.sqrt(residual * residual + dropped)
     factors = lowrank.factors_from_product(head, g.scale, split)
