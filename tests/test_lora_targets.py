@@ -65,3 +65,28 @@ def test_a_model_already_wrapped_by_peft_still_resolves_its_targets():
     assert resolve_targets(model.get_base_model(), ["query", "value"]) == ["query", "value"]
     add_rank_adapter(model, lora, "seq_cls", 2)
     assert any(".lora_A." in n and n.endswith("weight") for n, _ in model.named_parameters())
+
+
+def test_modules_to_save_train_whole_beside_the_head_and_get_no_adapter():
+    """``lora.modules_to_save: [pooler]``: PEFT trains BERT's pooler whole beside the classifier, the pooler's
+    dense layer gets no adapter even when a target name would match it, and the heads' parameters carry it."""
+    from fedlora.adapters import attach_lora, head_parameters
+
+    peft_model = attach_lora(_bert(), LoraSection(rank=2, alpha=4, target_modules=["query", "dense"],
+                                                  modules_to_save=["pooler"]), "seq_cls")
+    heads = head_parameters(peft_model)
+    assert {"bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"} <= set(heads)
+    assert all(p.requires_grad for p in heads.values())
+    lora_paths = {n.rsplit(".lora_A", 1)[0] for n, _ in peft_model.named_modules() if n.endswith(".lora_A")}
+    assert lora_paths and not any("pooler" in p for p in lora_paths)
+    assert any(p.endswith("attention.output.dense") for p in lora_paths)
+
+
+def test_an_absent_module_to_save_is_one_line():
+    from fedlora.adapters import attach_lora
+
+    with pytest.raises(ValueError) as err:
+        attach_lora(_bert(), LoraSection(rank=2, alpha=4, modules_to_save=["poolr"]), "seq_cls")
+    text = str(err.value)
+    assert text.startswith("lora.modules_to_save: 'poolr' matches no module")
+    assert "bert" in text and "\n" not in text

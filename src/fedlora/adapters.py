@@ -10,6 +10,7 @@ corrections folded into the base weight do.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -99,12 +100,17 @@ def _matches(path: str, target: str) -> bool:
     return path == target or path.endswith("." + target)
 
 
+def _inside(parts: list[str], module: str) -> bool:
+    """Whether the path ``parts`` is module ``module`` (a path suffix) or lies inside it."""
+    return any(_matches(".".join(parts[:i]), module) for i in range(1, len(parts) + 1))
+
+
 _PEFT_PARTS = ("base_layer", "modules_to_save", "original_module")  # PEFT's own sub-modules, not the model's
 
 
-def _adaptable(model: nn.Module) -> dict[str, nn.Module]:
+def _adaptable(model: nn.Module, trained_whole: Sequence[str] = ()) -> dict[str, nn.Module]:
     """Every layer LoRA can wrap (Linear, or GPT-2's Conv1D; one PEFT already wrapped counts) by path, heads
-    excluded."""
+    and the modules trained whole (``trained_whole``, ``lora.modules_to_save``) excluded."""
     from peft.tuners.lora import LoraLayer
     from transformers.pytorch_utils import Conv1D
 
@@ -112,18 +118,31 @@ def _adaptable(model: nn.Module) -> dict[str, nn.Module]:
     out = {}
     for name, m in model.named_modules():
         parts = name.split(".")
-        if any(p in _PEFT_PARTS or p.startswith("lora_") for p in parts) or name.startswith(heads):
+        if (any(p in _PEFT_PARTS or p.startswith("lora_") for p in parts) or name.startswith(heads)
+                or any(_inside(parts, w) for w in trained_whole)):
             continue
         if isinstance(m, LoraLayer) or (isinstance(m, (nn.Linear, Conv1D)) and not name.endswith("lm_head")):
             out[name] = m
     return out
 
 
-def resolve_targets(model: nn.Module, targets) -> list[str]:
+def resolve_modules_to_save(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """``lora.modules_to_save`` checked against the model: a name matching no module is a one-line ValueError."""
+    paths = [n for n, _ in model.named_modules() if n and not any(p in _PEFT_PARTS for p in n.split("."))]
+    for name in names:
+        if not any(_matches(path, name) for path in paths):
+            children = ", ".join(n for n, _ in model.named_children())
+            raise ValueError(f"lora.modules_to_save: {name!r} matches no module of this model (its top-level "
+                             f"modules: {children}; a name may be any suffix of a module's path, e.g. pooler)")
+    return list(dict.fromkeys(names))
+
+
+def resolve_targets(model: nn.Module, targets, trained_whole: Sequence[str] = ()) -> list[str]:
     """``lora.target_modules`` with the presets ``attention`` and ``mlp`` replaced by the family's layer names
-    (:data:`TARGET_PRESETS`); a name matching no layer of the model is a one-line ValueError."""
+    (:data:`TARGET_PRESETS`); a name matching no layer of the model is a one-line ValueError. Layers inside the
+    modules trained whole (``trained_whole``) get no adapter."""
     family = getattr(getattr(model, "config", None), "model_type", None)
-    layers = _adaptable(model)
+    layers = _adaptable(model, trained_whole)
     names = []
     for target in targets:
         if target in ("attention", "mlp"):
@@ -148,8 +167,9 @@ def _uses_conv1d(model: nn.Module, targets: list[str]) -> bool:
 
 
 def lora_config(lora: LoraSection, model: nn.Module, task_type: str, rank: int | None = None) -> LoraConfig:
-    heads = head_module_names(model) if task_type == "seq_cls" else []
-    targets = resolve_targets(model, lora.target_modules)
+    whole = resolve_modules_to_save(model, lora.modules_to_save)
+    heads = (head_module_names(model) if task_type == "seq_cls" else []) + whole
+    targets = resolve_targets(model, lora.target_modules, whole)
     return LoraConfig(
         r=rank or lora.rank,
         lora_alpha=lora.alpha,
@@ -168,8 +188,9 @@ def attach_lora(model: nn.Module, lora: LoraSection, task_type: str,
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ValueError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    config = lora_config(lora, model, task_type)
     try:
-        return get_peft_model(model, lora_config(lora, model, task_type))
+        return get_peft_model(model, config)
     except ValueError as err:
         raise ValueError(f"lora.target_modules {lora.target_modules}: {str(err).splitlines()[0]}") from None
 

@@ -54,6 +54,10 @@ class LoraSection(_Section):
         default_factory=lambda: ["query", "value"], description="names of the linear layers that get adapters, "
         "or the presets attention and mlp (by model family: fedlora.adapters.TARGET_PRESETS)"
     )
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="whole modules trained beside the adapters and averaged like the "
+        "classification head (PEFT's modules_to_save), e.g. [pooler] for BERT's pooler; the head is always in"
+    )
     client_ranks: list[int] | dict[str, int] | None = Field(
         None, description="heterogeneous ranks: a list cycled over clients, or a mapping device class -> rank "
         "(devices.classes); None: every client has rank"
