@@ -231,3 +231,12 @@ def test_a_folder_without_results_is_refused_in_one_line(tmp_path):
     assert str(tmp_path) in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(ValueError, match="not a folder"):
         write_report(tmp_path / "missing")
+
+
+def test_a_single_named_metric_equal_to_the_headline_gets_no_second_table(tmp_path):
+    """SST-2 records ``metrics: {"accuracy": x}`` beside ``metric``: one table, not the same one twice."""
+    records = [{**record("fedit", "iid", 0, r), "metrics": {"accuracy": value("fedit", "iid", 0, r)}}
+               for r in (1, 2)]
+    write_log(tmp_path / "run", records)
+    markdown = write_report(tmp_path / "run").read_text()
+    assert markdown.count("## Final accuracy") == 1 and "(from `metrics`)" not in markdown

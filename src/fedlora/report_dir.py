@@ -355,6 +355,8 @@ def write_report(folder: Path, out: Path | None = None) -> Path:
     name = _metric_name(records)
     named = list(dict.fromkeys(k for r in records if isinstance(r.get("metrics"), dict)
                                for k in r["metrics"]))
+    if named == [name]:  # one official metric: its table would repeat the headline one
+        named = []
     lines = _header(folder, found, grid) + _tables(grid, name, named) + ["## Plots\n"]
     colors = palette(grid.rows)
     taken: set[str] = set()
