@@ -41,16 +41,19 @@ def _by_setting(cells) -> dict[tuple[str, str], list[list[dict]]]:
     return out
 
 
-def _final(runs: list[list[dict]]) -> tuple[float, float]:
-    values = [r[-1]["metric"] for r in runs if r and r[-1].get("metric") is not None]
-    return (float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0) if values \
-        else (math.nan, math.nan)
+def _summary(values: list[float]) -> tuple[float, float, int]:
+    """(mean, std with ddof 1 (0 for one value), number of seeds)."""
+    if not values:
+        return math.nan, math.nan, 0
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, len(values)
 
 
-def _early(runs: list[list[dict]], rounds: int = 3) -> tuple[float, float]:
-    values = [np.mean([x["metric"] for x in r[:rounds]]) for r in runs if len(r) >= rounds]
-    return (float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0) if values \
-        else (math.nan, math.nan)
+def _final(runs: list[list[dict]]) -> tuple[float, float, int]:
+    return _summary([r[-1]["metric"] for r in runs if r and r[-1].get("metric") is not None])
+
+
+def _early(runs: list[list[dict]], rounds: int = 3) -> tuple[float, float, int]:
+    return _summary([float(np.mean([x["metric"] for x in r[:rounds]])) for r in runs if len(r) >= rounds])
 
 
 def _mean_error(runs: list[list[dict]]) -> float:
@@ -67,13 +70,18 @@ def _time_to(runs: list[list[dict]], target: float, higher: bool) -> float:
     return float(np.mean(times)) if times else math.nan
 
 
-def _verdict(a: tuple[float, float], b: tuple[float, float], higher: bool = True) -> str:
+def _verdict(a: tuple[float, ...], b: tuple[float, ...], higher: bool = True) -> str:
     """Whether ``a`` beats ``b`` by more than the larger seed std."""
     if math.isnan(a[0]) or math.isnan(b[0]):
         return "not measured"
     diff = (a[0] - b[0]) if higher else (b[0] - a[0])
     noise = max(a[1], b[1])
     return "held" if diff > noise else ("did not hold" if diff < -noise else "within noise")
+
+
+def _seeds(*summaries: tuple[float, float, int]) -> str:
+    """The fewest seeds behind any side of a comparison."""
+    return str(min(s[2] for s in summaries))
 
 
 def check(task: str, folder: Path) -> list[list[str]]:
@@ -92,33 +100,39 @@ def check(task: str, folder: Path) -> list[list[str]]:
             gap_exact = (abs(central[0] - f(exact, part)[0]), f(exact, part)[1])
             gap_fedit = (abs(central[0] - f("fedit", part)[0]), f("fedit", part)[1])
             rows.append([task, "1", f"{exact} closer to centralized than fedit, {part}",
-                         f"gap {gap_exact[0]:.4f} vs {gap_fedit[0]:.4f}", _verdict(gap_exact, gap_fedit, higher=False)])
+                         f"gap {gap_exact[0]:.4f} vs {gap_fedit[0]:.4f}",
+                         _verdict(gap_exact, gap_fedit, higher=False),
+                         _seeds(central, f(exact, part), f("fedit", part))])
     for part in STRONG:
         a, b = f("hexa", part), f("fedex", part)
         rows.append([task, "2", f"hexa above fedex, {part}", f"{a[0]:.4f}±{a[1]:.4f} vs {b[0]:.4f}±{b[1]:.4f}",
-                     _verdict(a, b, higher)])
+                     _verdict(a, b, higher), _seeds(a, b)])
     for part in ("iid", *SKEWED):
         for fra in ("fra", "fra_fold"):
             a, b = _early(s.get((fra, part), [])), _early(s.get(("fedit", part), []))
             rows.append([task, "3", f"{fra} above fedit in rounds 1-3, {part}", f"{a[0]:.4f} vs {b[0]:.4f}",
-                         _verdict(a, b, higher)])
+                         _verdict(a, b, higher), _seeds(a, b)])
     errors = [_mean_error(s.get(("fedit", p), [])) for p in ("iid", "dir0.5", "dir0.1")]
     rising = all(x < y for x, y in zip(errors, errors[1:]))
     rows.append([task, "4", "fedit error rises iid < dir0.5 < dir0.1", " < ".join(f"{e:.3g}" for e in errors),
-                 "not measured" if any(math.isnan(e) for e in errors) else ("held" if rising else "did not hold")])
+                 "not measured" if any(math.isnan(e) for e in errors) else "held" if rising else "did not hold",
+                 _seeds(*(f("fedit", p) for p in ("iid", "dir0.5", "dir0.1")))])
     for part in ("iid", *SKEWED):
         flat = {m: f(m, p)[0] for (m, p) in s if p == part and m not in ("centralized", "hierfedlora")}
         flat = {m: v for m, v in flat.items() if not math.isnan(v)}
         if not flat or ("hierfedlora", part) not in s:
-            rows.append([task, "5", f"hierfedlora faster to target, {part}", "-", "not measured"])
+            rows.append([task, "5", f"hierfedlora faster to target, {part}", "-", "not measured", "0"])
             continue
         best = max(flat.values()) if higher else min(flat.values())
         target = best * 0.95 if higher else best * 1.05
         hier = _time_to(s[("hierfedlora", part)], target, higher)
         fastest_flat = min(_time_to(s[(m, part)], target, higher) for m in flat)
-        verdict = "held" if hier < fastest_flat else "did not hold"
+        # a mean over seeds is inf when one seed never reaches the target
+        verdict = ("neither reached it in every seed" if math.isinf(hier) and math.isinf(fastest_flat)
+                   else "held" if hier < fastest_flat else "did not hold")
         rows.append([task, "5", f"hierfedlora faster to {target:.3f}, {part}",
-                     f"{hier:.1f} s vs fastest flat {fastest_flat:.1f} s", verdict])
+                     f"{hier:.1f} s vs fastest flat {fastest_flat:.1f} s", verdict,
+                     _seeds(f("hierfedlora", part), *(f(m, part) for m in flat))])
     return rows
 
 
@@ -130,7 +144,7 @@ def main() -> None:
     rows = []
     for folder in map(Path, opts.folders):
         rows += check(folder.name, folder)
-    lines = ["| task | claim | comparison | measured | verdict |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| task | claim | comparison | measured | verdict | seeds |", "|" + " --- |" * 6]
     lines += [f"| {' | '.join(r)} |" for r in rows]
     text = "\n".join(lines) + "\n"
     if opts.out:

@@ -52,3 +52,22 @@ def test_each_claim_gets_the_verdict_the_numbers_imply(tmp_path):
     assert rows[("4", "fedit error rises iid < dir0.5 < dir0.1")] == "held"
     target = next(k for k in rows if k[0] == "5" and k[1].endswith("dir0.5"))
     assert rows[target] == "held"
+
+
+def test_seeds_are_counted_and_a_target_nobody_reaches_is_said_so(tmp_path):
+    """Every row names the fewest seeds behind it; when neither HierFedLoRA nor any flat method reaches the
+    target in every seed the verdict says that, not 'did not hold'."""
+    _sweep(tmp_path / "sst2")
+    for seed in (0, 1, 2):  # hierfedlora and every flat method fall back below their final in one seed
+        for method in FINAL:
+            path = tmp_path / "sst2" / "cells" / f"{method}__imbalanced__s{seed}" / "metrics.jsonl"
+            if seed == 2 and method != "centralized":
+                records = [json.loads(line) for line in path.read_text().splitlines()]
+                records = [{**r, "metric": 0.1} for r in records]
+                path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "sst2" / "cells" / "fedit__dir0.1__s2" / "metrics.jsonl").unlink()  # two seeds left
+    rows = {(r[1], r[2]): (r[4], r[5]) for r in _claims().check("sst2", tmp_path / "sst2")}
+    assert rows[("1", "fedex closer to centralized than fedit, dir0.1")] == ("held", "2")
+    assert rows[("1", "fedex closer to centralized than fedit, dir0.5")] == ("held", "3")
+    target = next(k for k in rows if k[0] == "5" and k[1].endswith("imbalanced"))
+    assert rows[target][0] == "neither reached it in every seed"
