@@ -8,14 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fedlora.report import (
-    AGG_ERROR_FLOOR,
-    compare_markdown,
-    higher_is_better,
-    plot_compare,
-    plot_run,
-    summary_table,
-)
+from fedlora.report import compare_markdown, higher_is_better, summary_table
+from fedlora.report_plots import AGG_ERROR_FLOOR, plot_compare, plot_run
 from fedlora.runlog import MetricsWriter, load_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -226,7 +226,8 @@ def run(
         _fail(err)
     except KeyboardInterrupt:
         _interrupted(run_dir)
-    from .report import plot_run, summary_table
+    from .report import summary_table
+    from .report_plots import plot_run
 
     plot_run(records, run_dir)
     _plot_hierarchy(sim, run_dir)
@@ -291,7 +292,8 @@ def compare(
         _fail(err)
     except KeyboardInterrupt:
         _interrupted(run_dir)
-    from .report import compare_markdown, plot_compare
+    from .report import compare_markdown
+    from .report_plots import plot_compare
     from .report_costs import plot_costs, targets_markdown
 
     target = next(iter(configs.values())).eval.target

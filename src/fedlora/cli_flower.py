@@ -58,7 +58,8 @@ def _prepare(args, resume: str | None, data_dir: str | None, overwrite: bool):
 
 
 def _finish(cfg, run_dir: Path) -> None:
-    from .report import plot_run, summary_table
+    from .report import summary_table
+    from .report_plots import plot_run
 
     records = _records(run_dir)
     plot_run(records, run_dir)

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from .report import _MB, _by_round, _fmt, _md_cell, _metric_name, _new_figure, _save, higher_is_better
+from .report import _MB, _by_round, _fmt, _md_cell, _metric_name, higher_is_better
+from .report_plots import _new_figure, _save
 from .runlog import _is_number
 
 _HOUR = 3600.0

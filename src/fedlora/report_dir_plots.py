@@ -6,13 +6,14 @@ does not count there. The quantities (keys of :data:`PLOTS`):
 
 * ``metric`` -- the primary metric per round;
 * ``agg_error`` -- the aggregation error per round on a log axis, values below
-  :data:`fedlora.report.AGG_ERROR_FLOOR` (zeros included) drawn at the floor;
+  :data:`fedlora.report_plots.AGG_ERROR_FLOOR` (zeros included) drawn at the floor;
 * ``metric_vs_mb`` -- the metric against cumulative MB exchanged (``bytes_up + bytes_down``,
   MB = 10**6 bytes);
 * ``metric_vs_sim_time`` -- the metric against cumulative simulated hours (``sim_time_s`` where recorded,
   else the running sum of ``sim_round_s``, as in :mod:`fedlora.report_costs`).
 
-Figures use :func:`fedlora.report._new_figure`: 7 x 4.2 inches at 120 dpi on an Agg canvas, so 840 x 504 px.
+Figures use :func:`fedlora.report_plots._new_figure`: 7 x 4.2 inches at 120 dpi on an Agg canvas, so
+840 x 504 px.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from .report import _MB, _agg_error_axis, _by_round, _clip_floor, _integer_rounds, _new_figure, _save
+from .report import _MB, _by_round
+from .report_plots import _agg_error_axis, _clip_floor, _integer_rounds, _new_figure, _save
 from .runlog import _is_number
 
 Runs = Mapping[str, Sequence[Sequence[Mapping[str, Any]]]]

@@ -138,7 +138,8 @@ LAYERS = [
     ["fedlora.partition"],  # its registry's signatures define the config's partition options
     ["fedlora.config"],
     ["fedlora.data", "fedlora.checkpoint", "fedlora.runlog", "fedlora.sweep"],
-    ["fedlora.report", "fedlora.report_costs", "fedlora.report_dir", "fedlora.report_dir_plots"],
+    ["fedlora.report", "fedlora.report_plots", "fedlora.report_costs", "fedlora.report_dir",
+     "fedlora.report_dir_plots"],
     ["fedlora.adapters"],
     ["fedlora.sim"],
     ["fedlora.flower"],  # the only package that imports flwr
