@@ -240,3 +240,19 @@ def test_a_single_named_metric_equal_to_the_headline_gets_no_second_table(tmp_pa
     write_log(tmp_path / "run", records)
     markdown = write_report(tmp_path / "run").read_text()
     assert markdown.count("## Final accuracy") == 1 and "(from `metrics`)" not in markdown
+
+
+def test_the_last_rounds_table_averages_each_seeds_last_three_rounds_first(sweep_report):
+    """``## Mean accuracy over the last 3 rounds``: numpy's mean of each seed's last three values, then the
+    mean and std over seeds, the best mean in bold."""
+    _, markdown = sweep_report
+    header, rows = section(markdown, "## Mean accuracy over the last 3 rounds")
+    assert header == ["Setting", *PARTITIONS]
+    want: dict[str, list[str]] = {m: [] for m in METHODS}
+    for partition in PARTITIONS:
+        means = {m: [float(np.mean([value(m, partition, s, r) for r in range(ROUNDS - 2, ROUNDS + 1)]))
+                     for s in SEEDS] for m in METHODS}
+        best = max(METHODS, key=lambda m: np.mean(means[m]))
+        for m in METHODS:
+            want[m].append(expected_cell(means[m], m == best))
+    assert rows == want

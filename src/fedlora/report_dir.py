@@ -209,6 +209,18 @@ def _final(records: Sequence[Mapping[str, Any]], key: str) -> float | None:
     return values[-1] if values else None
 
 
+LAST_ROUNDS = 3
+"""How many final rounds the smoothed metric table averages."""
+
+
+def _last_rounds_mean(records: Sequence[Mapping[str, Any]], key: str,
+                      rounds: int = LAST_ROUNDS) -> float | None:
+    """The mean of ``key`` over the last ``rounds`` rounds that have one: less at the mercy of which clients
+    the last round happened to sample than the final value alone."""
+    values = [v for v in _series(records, key)[1] if not np.isnan(v)][-rounds:]
+    return float(np.mean(values)) if values else None
+
+
 def _final_named(records: Sequence[Mapping[str, Any]], name: str) -> float | None:
     """The last value of ``metrics[name]`` in round order."""
     flat = [{"round": r.get("round"), "v": r["metrics"].get(name)} for r in records
@@ -280,6 +292,10 @@ def _tables(grid: _Grid, name: str, named: Sequence[str]) -> list[str]:
            "Mean ± std over seeds (ddof=1) of each cell's final value; n = seeds. "
            "Bold: the best mean in its column.\n",
            _table(grid, [(name, lambda r: _final(r, "metric"), _mean_std, higher)])]
+    out += [f"## Mean {name} over the last {LAST_ROUNDS} rounds\n",
+            f"Each cell's mean over its last {LAST_ROUNDS} rounds, then mean ± std over seeds: the final "
+            "value alone depends on which clients the last round sampled.\n",
+            _table(grid, [(name, partial(_last_rounds_mean, key="metric"), _mean_std, higher)])]
     for metric in named:
         out += [f"## Final {metric} (from `metrics`)\n",
                 _table(grid, [(metric, partial(_final_named, name=metric), _mean_std,
