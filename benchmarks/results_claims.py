@@ -95,14 +95,14 @@ def check(task: str, folder: Path) -> list[list[str]]:
         return _final(s.get((method, part), []))
 
     for part in SKEWED:
-        central = f("centralized", part)
+        central, fedit = f("centralized", part), f("fedit", part)
+        gap_fedit = (abs(central[0] - fedit[0]), fedit[1])
         for exact in ("fedex", "hexa"):
-            gap_exact = (abs(central[0] - f(exact, part)[0]), f(exact, part)[1])
-            gap_fedit = (abs(central[0] - f("fedit", part)[0]), f("fedit", part)[1])
+            ex = f(exact, part)
+            gap_exact = (abs(central[0] - ex[0]), ex[1])
             rows.append([task, "1", f"{exact} closer to centralized than fedit, {part}",
                          f"gap {gap_exact[0]:.4f} vs {gap_fedit[0]:.4f}",
-                         _verdict(gap_exact, gap_fedit, higher=False),
-                         _seeds(central, f(exact, part), f("fedit", part))])
+                         _verdict(gap_exact, gap_fedit, higher=False), _seeds(central, ex, fedit)])
     for part in STRONG:
         a, b = f("hexa", part), f("fedex", part)
         rows.append([task, "2", f"hexa above fedex, {part}", f"{a[0]:.4f}±{a[1]:.4f} vs {b[0]:.4f}±{b[1]:.4f}",
@@ -118,12 +118,12 @@ def check(task: str, folder: Path) -> list[list[str]]:
                  "not measured" if any(math.isnan(e) for e in errors) else "held" if rising else "did not hold",
                  _seeds(*(f("fedit", p) for p in ("iid", "dir0.5", "dir0.1")))])
     for part in ("iid", *SKEWED):
-        flat = {m: f(m, p)[0] for (m, p) in s if p == part and m not in ("centralized", "hierfedlora")}
-        flat = {m: v for m, v in flat.items() if not math.isnan(v)}
+        flat = {m: f(m, p) for (m, p) in s if p == part and m not in ("centralized", "hierfedlora")}
+        flat = {m: v for m, v in flat.items() if not math.isnan(v[0])}
         if not flat or ("hierfedlora", part) not in s:
             rows.append([task, "5", f"hierfedlora faster to target, {part}", "-", "not measured", "0"])
             continue
-        best = max(flat.values()) if higher else min(flat.values())
+        best = max(v[0] for v in flat.values()) if higher else min(v[0] for v in flat.values())
         target = best * 0.95 if higher else best * 1.05
         hier = _time_to(s[("hierfedlora", part)], target, higher)
         fastest_flat = min(_time_to(s[(m, part)], target, higher) for m in flat)
@@ -132,7 +132,7 @@ def check(task: str, folder: Path) -> list[list[str]]:
                    else "held" if hier < fastest_flat else "did not hold")
         rows.append([task, "5", f"hierfedlora faster to {target:.3f}, {part}",
                      f"{hier:.1f} s vs fastest flat {fastest_flat:.1f} s", verdict,
-                     _seeds(f("hierfedlora", part), *(f(m, part) for m in flat))])
+                     _seeds(f("hierfedlora", part), *flat.values())])
     return rows
 
 

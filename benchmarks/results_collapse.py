@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from fedlora.data.loading import load_source  # noqa: E402
+from fedlora.report_dir import load_folder  # noqa: E402
 
 SKEWED = ("dir0.5", "dir0.1", "imbalanced")
 
@@ -41,35 +42,33 @@ def main() -> None:
     parser.add_argument("--task", default="sst2")
     parser.add_argument("--max-eval-examples", type=int, default=500)
     opts = parser.parse_args()
-    manifest = json.loads((Path(opts.folder) / "sweep.json").read_text())
     shares: dict[int, list[float]] = {}
     rows: dict[str, Counter] = {}
-    for cell in manifest["cells"]:
-        keys = cell["keys"]
-        skewed = keys.get("partition") in SKEWED and keys.get("method") != "centralized"
-        if cell["status"] != "done" or not skewed:
+    for cell in load_folder(Path(opts.folder)):  # the sweep's done cells
+        keys = cell.keys
+        if keys.get("partition") not in SKEWED or keys.get("method") == "centralized":
             continue
         seed = int(keys["seed"])
         if seed not in shares:
             shares[seed] = class_shares(opts.data_dir, opts.task, seed, opts.max_eval_examples)
-        folder = Path(opts.folder) / cell["dir"]
-        hist = json.loads((folder / "label_histograms.json").read_text())["counts"]
+        hist = json.loads((cell.path / "label_histograms.json").read_text())["counts"]
         dominant = [max(range(len(c)), key=c.__getitem__) for c in hist]
         tally = rows.setdefault(str(keys["method"]), Counter())
-        for line in (folder / "metrics.jsonl").read_text().splitlines():
-            r = json.loads(line)
+        for r in cell.records:
+            heaviest = max(r["weights"], key=r["weights"].get)
+            named = heaviest.isdigit()  # HierFedLoRA weighs groups, not clients: no heaviest client to name
             tally["rounds"] += 1
+            tally["named"] += named
             predicted = [c for c, s in enumerate(shares[seed]) if abs(r["metric"] - s) < 1e-9]
             if len(predicted) != 1:
                 continue
             tally["one class"] += 1
-            heaviest = max(r["weights"], key=r["weights"].get)
-            if heaviest.isdigit():  # HierFedLoRA weighs groups, not clients: no heaviest client to name
+            if named:
                 tally["heaviest"] += int(dominant[int(heaviest)] == predicted[0])
     print("| method | rounds | predicting one class | of which the heaviest client's class |")
     print("| --- | ---: | ---: | ---: |")
     for method, t in rows.items():
-        share = f"{t['heaviest']}" if method != "hierfedlora" else "- (group weights)"
+        share = f"{t['heaviest']}" if t["named"] else "- (group weights)"
         print(f"| {method} | {t['rounds']} | {t['one class']} | {share} |")
     print(f"\ndev class shares by seed: { {s: [round(x, 3) for x in v] for s, v in sorted(shares.items())} }")
 

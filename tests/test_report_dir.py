@@ -161,6 +161,7 @@ def test_cells_not_done_are_left_out(sweep_report, tmp_path):
     cells = load_folder(make_sweep(tmp_path))
     assert len(cells) == 12 and all(isinstance(c, Cell) for c in cells)
     assert {c.name for c in cells}.isdisjoint({"fedit-iid-s3", "ffa-iid-s3"})
+    assert all(c.path == tmp_path / "cells" / c.name and (c.path / "metrics.jsonl").is_file() for c in cells)
 
 
 def test_a_lower_is_better_metric_bolds_the_smallest_mean(tmp_path):
@@ -179,6 +180,7 @@ def test_a_single_run_folder_and_missing_data(tmp_path):
     write_log(tmp_path / "run", records)
     (cell,) = load_folder(tmp_path / "run")
     assert cell.name == "run" and cell.keys == {"method": "hexa"} and len(cell.records) == 4
+    assert cell.path == tmp_path / "run"
     markdown = write_report(tmp_path / "run").read_text()
     assert "- Kind: run" in markdown and "(from `metrics`)" not in markdown
     assert "_No aggregation error recorded: plot skipped._" in markdown

@@ -45,12 +45,13 @@ _BARE = ("method", "partition")  # keys shown by value alone in labels; others a
 
 @dataclass
 class Cell:
-    """One run of a results folder: its name, the keys that set it apart (method, partition, seed, ...) and
-    its per-round records (as from :func:`fedlora.runlog.load_metrics`)."""
+    """One run of a results folder: its name, the keys that set it apart (method, partition, seed, ...), its
+    per-round records (as from :func:`fedlora.runlog.load_metrics`) and its run folder (its other files)."""
 
     name: str
     keys: dict[str, object]
     records: list[dict]
+    path: Path
 
 
 @dataclass
@@ -93,16 +94,16 @@ def _scan_sweep(folder: Path) -> _Folder:
         entry = entry if isinstance(entry, dict) else {}
         name = str(entry.get("name"))
         status = str(entry.get("status") or "unknown")
-        records = None
+        records, run_dir = None, folder / str(entry.get("dir") or f"cells/{name}")
         if status == "done":
-            records = _read(folder / str(entry.get("dir") or f"cells/{name}") / METRICS_FILE)
+            records = _read(run_dir / METRICS_FILE)
         if records is None:
             why = "done without records" if status == "done" else status
             left_out[why] = left_out.get(why, 0) + 1
             continue
         keys = dict(entry.get("keys") or {})
         keys.setdefault("method", _method_of(records) or name)
-        cells.append(Cell(name, keys, records))
+        cells.append(Cell(name, keys, records, run_dir))
     return _Folder("sweep", cells, left_out, {k: list(v) for k, v in axes.items() if isinstance(v, list)})
 
 
@@ -111,8 +112,8 @@ def _scan_compare(folder: Path) -> _Folder:
             if (sub / METRICS_FILE).is_file() and (records := _read(sub / METRICS_FILE))]
     methods = [_method_of(records) or name for name, records in runs]
     # Two subfolders of one method would otherwise pool as seeds of one setting: tell them apart by name.
-    return _Folder("compare", [Cell(name, {"method": m if methods.count(m) == 1 else name}, records)
-                               for (name, records), m in zip(runs, methods)])
+    return _Folder("compare", [Cell(name, {"method": m if methods.count(m) == 1 else name}, records,
+                                    folder / name) for (name, records), m in zip(runs, methods)])
 
 
 def _scan(folder: Path) -> _Folder:
@@ -124,7 +125,7 @@ def _scan(folder: Path) -> _Folder:
     elif (folder / METRICS_FILE).is_file():
         records = _read(folder / METRICS_FILE)
         name = folder.resolve().name
-        cells = [Cell(name, {"method": _method_of(records) or name}, records)] if records else []
+        cells = [Cell(name, {"method": _method_of(records) or name}, records, folder)] if records else []
         found = _Folder("run", cells)
     else:
         found = _scan_compare(folder)
@@ -203,9 +204,14 @@ def _grid(cells: Sequence[Cell], axes: Mapping[str, list]) -> _Grid:
 # --------------------------------------------------------------------------------------------------
 
 
+def _recorded(records: Sequence[Mapping[str, Any]], key: str) -> list[float]:
+    """The values of ``key`` in round order (records without a round, NaN, missing skipped)."""
+    return [v for v in _series(records, key)[1] if not np.isnan(v)]
+
+
 def _final(records: Sequence[Mapping[str, Any]], key: str) -> float | None:
-    """The value of ``key`` at the last round that has one (records without a round, NaN, missing skipped)."""
-    values = [v for v in _series(records, key)[1] if not np.isnan(v)]
+    """The value of ``key`` at the last round that has one."""
+    values = _recorded(records, key)
     return values[-1] if values else None
 
 
@@ -217,7 +223,7 @@ def _last_rounds_mean(records: Sequence[Mapping[str, Any]], key: str,
                       rounds: int = LAST_ROUNDS) -> float | None:
     """The mean of ``key`` over the last ``rounds`` rounds that have one: less at the mercy of which clients
     the last round happened to sample than the final value alone."""
-    values = [v for v in _series(records, key)[1] if not np.isnan(v)][-rounds:]
+    values = _recorded(records, key)[-rounds:]
     return float(np.mean(values)) if values else None
 
 

@@ -78,9 +78,9 @@ def _move_norm(rnd: Round, module: str) -> float | None:
         return None
     if not _weights_sum_to_one(rnd):
         return None
-    p = torch.tensor(rnd.weights, dtype=torch.float64)
     if module in rnd.move_norms:
         return rnd.move_norms[module]
+    p = torch.tensor(rnd.weights, dtype=torch.float64)
     return math.sqrt(max(float(p @ move_gram(rnd, module) @ p), 0.0))
 
 
