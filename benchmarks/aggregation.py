@@ -17,7 +17,9 @@ well separated and the agreement numbers mean something), data sizes drawn at ra
 * ``aggregate``: the real library path, one FRA round with ``fold_tail=True`` through
   ``get_aggregator("fra", fold_tail=True).aggregate(...)`` on one module: validation, ``M`` as stacked
   factors, truncated SVD through the small core, the exact tail kept as factors, the aggregation error
-  ``||ideal - applied|| / ||ideal - start||`` and the next payloads.
+  ``||ideal - applied|| / ||ideal - start||`` and the next payloads. On the dense path, ``M`` formed and only
+  its top ``r`` triplets computed (``dense_svd.top_triplets``, falling back to the full SVD when the spectrum
+  has no gap), the tail ``(L - U U^T L) R`` from the stacked factors.
 * ``truncate``: the bare factored truncated SVD, ``lowrank.truncate(lowrank.concat(updates, p), r)``.
 * ``dense``: the reference. ``M = sum_k p_k s B_k A_k`` formed as a ``d_out x d_in`` matrix (in-place
   ``addmm_``), ``torch.linalg.svd(M, full_matrices=False)``, the balanced rank-``r`` head and the dense tail

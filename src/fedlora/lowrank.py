@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .dense_svd import probed_residual, top_triplets
 from .types import LoRAFactors, LowRank
 
 
@@ -163,7 +164,9 @@ class Truncation(NamedTuple):
 
     head: LowRank
     tail: LowRank
-    tail_singular_values: Tensor
+    tail_singular_values: Tensor | None
+    """The tail's singular values, or ``None`` where only the top ones were computed (the dense path with
+    the factors given: the tail is then ``(I - U U^T) L R``, not in singular form)."""
     core_residual: float | None
     """``||core - U S V^T||_F`` of the small SVD, in float64: how far ``head + tail`` is from ``x`` in the
     basis of its factors (the rounding of the decomposition, not of forming the factors afterwards). On the
@@ -200,10 +203,26 @@ def truncation(x: LowRank, rank: int, split: str = "balanced", *, residual: bool
 
 
 def dense_truncation(product: Tensor, inner: int, rank: int, split: str = "balanced", *,
-                     residual: bool = True) -> Truncation:
+                     residual: bool = True, factors: LowRank | None = None) -> Truncation:
     """:func:`truncation` of a formed product of inner dimension ``inner`` (for when :func:`dense_is_cheaper`
-    and the caller accumulated the sum itself, never stacking the factors)."""
+    and the caller accumulated the sum itself, never stacking the factors).
+
+    With ``factors`` (``factors.left @ factors.right == product``), only the top ``rank`` triplets are
+    computed when that converges (:func:`~fedlora.dense_svd.top_triplets`, a few products with ``product``
+    instead of its full SVD), and the tail is the exact remainder ``(L - U (U^T L)) R`` from the factors:
+    ``head + tail = L R`` for any ``U``, and ``core_residual`` is ``||U^T M - S V^T||``, how far the head is
+    from ``U U^T M``. Otherwise (or when it would not converge), the full SVD and the tail in singular form.
+    """
     m, n = product.shape
+    top = top_triplets(product, rank) if factors is not None and rank <= min(m, n) else None
+    if top is not None:
+        dtype = product.dtype
+        del product
+        u = top.U.to(dtype)
+        head = split_factors(u, top.S.to(dtype), top.Vh.to(dtype), split)
+        left = factors.left
+        tail = LowRank(left - u.to(left.dtype) @ (u.to(left.dtype).mT @ left), factors.right)
+        return Truncation(head, tail, None, top.residual if residual else None)
     keep_all = min(inner, m, n)
     u, s, vh = torch.linalg.svd(product, full_matrices=False)
     u, s, vh = u[:, :keep_all], s[:keep_all], vh[:keep_all]
@@ -213,30 +232,6 @@ def dense_truncation(product: Tensor, inner: int, rank: int, split: str = "balan
     head = split_factors(u[:, :keep], s[:keep], vh[:keep], split)
     tail = LowRank(u[:, keep:] * s[keep:], vh[keep:])
     return Truncation(_pad_head(head, rank), tail, s[keep:], core_residual)
-
-
-RESIDUAL_PROBES = 8
-
-
-def probed_residual(product: Tensor, u: Tensor, s: Tensor, vh: Tensor,
-                    probes: int = RESIDUAL_PROBES) -> float:
-    """``||product - U diag(s) Vh||_F`` estimated from ``probes`` fixed Gaussian vectors ``g`` (Hutchinson:
-    ``E ||E g||^2 = ||E||_F^2``), in float64, in row blocks of ``product``.
-
-    The exact residual is one more product as large as the matrix (5 % of the SVD's time at d = 768, where
-    the dense path is taken, measured); this costs ``O(m n probes)``. For a residual spread over many
-    directions, as rounding is, the relative standard deviation of the squared estimate is about
-    ``sqrt(2 / (probes * its effective rank))``: ~2 % at rank 768. The probes are seeded: reproducible.
-    """
-    m, n = product.shape
-    gen = torch.Generator(device=product.device).manual_seed(0)
-    g = torch.randn(n, probes, generator=gen, dtype=torch.float64, device=product.device)
-    right = s.double()[:, None] * (vh.double() @ g)
-    total, step = 0.0, max(1, 2**18 // max(n, 1))
-    for i in range(0, m, step):
-        e = product[i:i + step].double() @ g - u[i:i + step].double() @ right
-        total += float(e.square().sum())
-    return math.sqrt(total / probes)
 
 
 def _split_scales(s: Tensor, split: str) -> tuple[Tensor, Tensor]:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[2] / "src"
-CHECKED = ["fedlora/protocol", "fedlora/aggregators", "fedlora/lowrank.py", "fedlora/types.py"]
+CHECKED = ["fedlora/protocol", "fedlora/aggregators", "fedlora/lowrank.py", "fedlora/dense_svd.py",
+           "fedlora/types.py"]
 FORBIDDEN = (
     "fedlora.sim", "fedlora.cli", "fedlora.data", "fedlora.partition", "fedlora.adapters", "fedlora.export",
     "fedlora.report", "fedlora.config", "transformers", "peft", "flwr",
@@ -132,7 +133,7 @@ def test_importing_the_protocol_loads_none_of_them():
 # and checkpoints); the code's layers, lowest first. A module may import its own layer or lower ones.
 LAYERS = [
     ["fedlora.types", "fedlora.seeds", "fedlora.atomic", "fedlora.devices", "fedlora.flops", "fedlora.hier"],
-    ["fedlora.lowrank"],
+    ["fedlora.lowrank", "fedlora.dense_svd"],
     ["fedlora.aggregators", "fedlora.privacy"],
     ["fedlora.protocol"],
     ["fedlora.partition"],  # its registry's signatures define the config's partition options

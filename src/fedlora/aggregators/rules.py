@@ -97,12 +97,16 @@ def refactorized(rnd: Round, module: str, split: str = "balanced", *,
     g = rnd.global_state[module].factors
     inner, core = rnd.inner_rank(module), rnd.error_measure == "core"
     if inner and lowrank.dense_is_cheaper(*g.shape, inner):  # formed term by term, as a dense reference would
-        cut = lowrank.dense_truncation(dense_mean_update(rnd, module), inner, g.rank, split, residual=core)
+        cut = lowrank.dense_truncation(dense_mean_update(rnd, module), inner, g.rank, split, residual=core,
+                                       factors=rnd.mean_update(module))  # the tail from them: no full SVD
     else:
         cut = lowrank.truncation(rnd.mean_update(module), g.rank, split, residual=core)
     head, tail, tail_sv, residual = cut
     if core:
-        dropped = 0.0 if folded else float(tail_sv.double().square().sum())
+        dropped = 0.0
+        if not folded:
+            dropped = (float(tail_sv.double().square().sum()) if tail_sv is not None
+                       else lowrank.frobenius_norm(tail) ** 2)
         rnd.core_errors[module] = math.sqrt(residual * residual + dropped)
     factors = lowrank.factors_from_product(head, g.scale, split)
     return revive_dead_ranks(factors, seed=zlib.crc32(f"{rnd.round_idx}:{module}".encode())), tail
