@@ -1,5 +1,5 @@
-"""The ``fedlora`` command line: run, compare, export, verify, methods; deploy (:mod:`fedlora.cli_flower`);
-sweep and report (:mod:`fedlora.cli_results`).
+"""The ``fedlora`` command line: run, compare, export; deploy (:mod:`fedlora.cli_flower`); sweep and report
+(:mod:`fedlora.cli_results`); verify and methods (:mod:`fedlora.cli_inspect`).
 
     fedlora run [CONFIG] [key.path=value ...] [--resume DIR] [--engine inprocess|flower]
     fedlora deploy [CONFIG] [key.path=value ...] [--nodes N] [--resume DIR]
@@ -328,63 +328,14 @@ def export(
     console.print(f"wrote [bold]{result.path}[/] (round {result.round})")
 
 
-@app.command()
-def verify(run_dir: Annotated[str, typer.Argument(help="a run folder (with checkpoints/)")]) -> None:
-    """Check every round's checkpoint files against their recorded sizes and SHA-256."""
-    from rich.table import Table
-
-    from . import checkpoint
-
-    path = Path(run_dir)
-    try:
-        if not path.is_dir():
-            raise ValueError(f"{path}: no such run folder")
-        checks = checkpoint.verify_run(path)
-        if not checks:
-            raise ValueError(f"{path}: no checkpoint (no checkpoints/round_NNNN folder)")
-    except USER_ERRORS as err:
-        _fail(err)
-    usable = checkpoint.newest_usable(checks)
-    table = Table("round", "status", "detail", title=f"fedlora verify: {path}")
-    for c in checks:
-        detail = "; ".join(f"{name}: {why}" for name, why in c.problems.items())
-        table.add_row(str(c.number), "intact" if c.intact else "[red]damaged[/]", detail or "all files match")
-    _stdout().print(table)
-    damaged = [c for c in checks if not c.intact]
-    if damaged:
-        first = damaged[0]
-        _fail(ValueError(f"round {first.number} is damaged ({first.summary()}); newest usable round: "
-                         f"{usable if usable is not None else 'none'}"))
-    _stdout().print(f"all {len(checks)} rounds intact")
-
-
-@app.command("methods")
-def list_methods() -> None:
-    """List the aggregation methods and their options."""
-    from rich.table import Table
-
-    from .aggregators import AGGREGATORS
-    from .aggregators import method_options
-
-    from .protocol import hierfedlora
-
-    table = Table("method", "exact", "options", "summary")
-    rows = [(name, "yes" if cls.exact else "no", method_options(name), sys.modules[cls.__module__])
-            for name, cls in AGGREGATORS.items()]
-    rows.append((hierfedlora.HierFedLoRA.name, "as its rules", hierfedlora.OPTIONS, hierfedlora))
-    for name, exact, options, module in sorted(rows, key=lambda row: row[0]):
-        doc = (module.__doc__ or "").strip().splitlines()[0]
-        table.add_row(name, exact, ", ".join(f"{k}={v!r}" for k, v in options.items()), doc)
-    _stdout().print(table)
-
-
 def main() -> None:
     import warnings
 
-    from . import cli_flower, cli_results
+    from . import cli_flower, cli_inspect, cli_results
 
     cli_flower.register_commands(app)
     cli_results.register_commands(app)
+    cli_inspect.register_commands(app)
 
     import click
 
