@@ -214,8 +214,7 @@ class RoundStrategy:
         round_ranks = {cid: tasks[cid].rank for cid in accepted}
         cut = self.energy_rank()  # the ranks this round trained at, before any client pruned
         self._adopt_ranks(accepted)
-        bytes_down = {cid: task_tensor_bytes(t) for cid, t in tasks.items()}
-        bytes_up = {cid: reply_tensor_bytes(r) for cid, r in replies.items() if r is not None}
+        bytes_up, bytes_down, train_loss = _traffic_and_loss(tasks, replies, accepted)
 
         corrections: dict[str, LowRank] = {}
         weights: dict[str, float] = {}
@@ -240,9 +239,8 @@ class RoundStrategy:
                 energy = sums["energy_above_sq"] / sums["energy_sq"] if sums["energy_sq"] > 0 else 0.0
             self.head = {k: sum(weights[cid] * accepted[cid].head[k] for cid in weights) for k in self.head}
             self.global_state = new_state
-            train_loss = float(sum(accepted[c].train_loss for c in accepted) / len(accepted))
         else:
-            error, train_loss = None, None
+            error = None
         self.history.append(round_idx + 1, corrections)
         return RoundResult(
             round=round_idx + 1, clients=list(accepted), rejected=rejected, global_state=self.global_state,
@@ -261,13 +259,11 @@ class RoundStrategy:
         self.history.append(round_idx + 1, out.tails)
         m = self.client_dp.expected_clients
         info = {"clipped": out.clipped} if out.clipped else {}
+        bytes_up, bytes_down, train_loss = _traffic_and_loss(tasks, replies, accepted)
         return RoundResult(
             round=round_idx + 1, clients=list(accepted), rejected=rejected, global_state=self.global_state,
             head=self.head, corrections=out.tails, weights={c: 1.0 / m for c in accepted},
-            errors=out.errors, error=out.error,
-            bytes_up={c: reply_tensor_bytes(r) for c, r in replies.items() if r is not None},
-            bytes_down={c: task_tensor_bytes(t) for c, t in tasks.items()},
-            train_loss=float(sum(r.train_loss for r in accepted.values()) / len(accepted)) if accepted else None,
+            errors=out.errors, error=out.error, bytes_up=bytes_up, bytes_down=bytes_down, train_loss=train_loss,
             ranks={c: tasks[c].rank for c in accepted}, info=info,
         )
 
@@ -379,3 +375,12 @@ class RoundStrategy:
         return self.aggregator.aggregate(sub, updates, round_idx, payloads=payloads, next_payloads=False,
                                          energy_rank=energy_rank, error_measure=self.error_measure)
 
+
+def _traffic_and_loss(tasks: dict[str, ClientTask], replies: dict[str, ClientReply],
+                      accepted: dict[str, ClientReply]) -> tuple[dict[str, int], dict[str, int], float | None]:
+    """Tensor bytes up (every reply that came back) and down (every task sent), and the accepted replies'
+    mean training loss (``None`` when none was accepted)."""
+    bytes_up = {cid: reply_tensor_bytes(r) for cid, r in replies.items() if r is not None}
+    bytes_down = {cid: task_tensor_bytes(t) for cid, t in tasks.items()}
+    loss = float(sum(r.train_loss for r in accepted.values()) / len(accepted)) if accepted else None
+    return bytes_up, bytes_down, loss
