@@ -31,6 +31,8 @@ from pathlib import Path
 
 import yaml
 
+from fedlora.sweep import parse_method
+
 ROOT = Path(__file__).resolve().parents[1]
 LR_SWEEP = ROOT / "recipes" / "sweeps" / "results_lr.yaml"
 BASE = "recipes/configs/results/minilm_base.yaml"
@@ -94,8 +96,8 @@ def main_spec(task: str, choice: dict[str, float]) -> Path:
     methods = yaml.safe_load(LR_SWEEP.read_text())["methods"]
     items = []
     for item in methods:
-        label = item.split("=")[0] if "=" in item.split(":")[0] else item.split(":")[0]
-        items.append({"label": label, "method": item.split("=", 1)[1] if label != item.split(":")[0] else item,
+        label = parse_method(item).label  # the sweep's own reading of `label=name:options`
+        items.append({"label": label, "method": item.removeprefix(f"{label}="),
                       "overrides": [f"train.lr={choice[label]}"]})
     spec = {"config": BASE, "overrides": TASKS[task], "out": f"benchmarks/results/sweeps/{task}", "methods": items,
             "partitions": PARTITIONS, "seeds": [0, 1, 2]}
@@ -119,8 +121,9 @@ def main() -> None:
         tasks = opts.tasks.split(",")
         for task in tasks:
             _sweep(main_spec(task, choice), _data_dir(task))
+        measured = [str(OUT / t) for t in TASKS if (OUT / t / "sweep.json").is_file()]  # every task so far
         subprocess.run([str(ROOT / ".venv" / "bin" / "python"), str(ROOT / "benchmarks" / "results_claims.py"),
-                        *[str(OUT / t) for t in tasks], "--out", str(ROOT / "docs" / "results_claims.md")],
+                        *measured, "--out", str(ROOT / "docs" / "results_claims.md")],
                        check=True, cwd=ROOT)
     print(f"wall time of this invocation: {(time.perf_counter() - t0) / 3600:.2f} h")
 
