@@ -171,7 +171,8 @@ class Truncation(NamedTuple):
     """``||core - U S V^T||_F`` of the small SVD, in float64: how far ``head + tail`` is from ``x`` in the
     basis of its factors (the rounding of the decomposition, not of forming the factors afterwards). On the
     dense path, ``||L R - U S V^T||_F`` of the formed product, estimated from probes
-    (:func:`probed_residual`). ``None`` when the caller did not ask for it."""
+    (:func:`probed_residual`), or with the top triplets alone ``||U^T M - S V^T||_F``. ``None`` when the
+    caller did not ask for it."""
 
 
 def truncation(x: LowRank, rank: int, split: str = "balanced", *, residual: bool = True) -> Truncation:
@@ -220,8 +221,8 @@ def dense_truncation(product: Tensor, inner: int, rank: int, split: str = "balan
         del product
         u = top.U.to(dtype)
         head = split_factors(u, top.S.to(dtype), top.Vh.to(dtype), split)
-        left = factors.left
-        tail = LowRank(left - u.to(left.dtype) @ (u.to(left.dtype).mT @ left), factors.right)
+        left, basis = factors.left, top.U.to(factors.left.dtype)
+        tail = LowRank(left - basis @ (basis.mT @ left), factors.right)
         return Truncation(head, tail, None, top.residual if residual else None)
     keep_all = min(inner, m, n)
     u, s, vh = torch.linalg.svd(product, full_matrices=False)
