@@ -69,6 +69,12 @@ def _sweep(spec: Path, data_dir: str) -> None:
                    check=True, cwd=ROOT, env=_env())
 
 
+def _finished(out: Path) -> bool:
+    """Whether every cell of the sweep in ``out`` is done (a partial sweep's claims would compare seeds 0 only)."""
+    manifest = out / "sweep.json"
+    return manifest.is_file() and all(c["status"] == "done" for c in json.loads(manifest.read_text())["cells"])
+
+
 def _cells(out: Path) -> list[dict]:
     manifest = json.loads((out / "sweep.json").read_text())
     for cell in manifest["cells"]:
@@ -121,7 +127,7 @@ def main() -> None:
         tasks = opts.tasks.split(",")
         for task in tasks:
             _sweep(main_spec(task, choice), _data_dir(task))
-        measured = [str(OUT / t) for t in TASKS if (OUT / t / "sweep.json").is_file()]  # every task so far
+        measured = [str(OUT / t) for t in TASKS if _finished(OUT / t)]  # every finished task, not only these
         subprocess.run([str(ROOT / ".venv" / "bin" / "python"), str(ROOT / "benchmarks" / "results_claims.py"),
                         *measured, "--out", str(ROOT / "docs" / "results_claims.md")],
                        check=True, cwd=ROOT)
