@@ -141,7 +141,10 @@ def main() -> None:
     settings = list(dict.fromkeys(TASKS[t][1] for t in tasks))
     if opts.phase in ("all", "lr"):
         for setting in settings:
-            _sweep(RATE_STEPS[setting][0], _data_dir("sst2" if setting == "base" else "cola_all"))
+            lr_sweep = RATE_STEPS[setting][0]
+            task = next(o.split("=", 1)[1] for o in yaml.safe_load(lr_sweep.read_text())["overrides"]
+                        if o.startswith("data.task="))  # the task step 1 reads, not the tasks swept
+            _sweep(lr_sweep, _data_dir(task))
     if opts.phase in ("all", "sweep"):
         for task in tasks:
             choice = choose_rates(TASKS[task][1])

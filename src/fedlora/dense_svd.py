@@ -73,11 +73,11 @@ def top_triplets(product: Tensor, rank: int, *, tol: float | None = None,
         basis, r_factor = torch.linalg.qr(md @ z)
         ub, s, vbh = torch.linalg.svd(r_factor)
         back = md.mT @ basis
-        u, v = basis @ ub[:, :rank], z @ vbh[:rank].mT
+        v = z @ vbh[:rank].mT
         columns = (back @ ub[:, :rank] - v * s[:rank]).norm(dim=0)  # ||M^T u_i - s_i v_i||
         worst, top = float(columns.max()), float(s[0])
-        if worst <= tol * top:
-            return TopTriplets(u, s[:rank], v.mT, float(columns.norm()), step)
+        if worst <= tol * top:  # U = Q Ub only now: the steps before need V and M^T Q alone
+            return TopTriplets(basis @ ub[:, :rank], s[:rank], v.mT, float(columns.norm()), step)
         if step >= 2 and top > 0:
             rate = worst / previous
             if rate >= 1 or step + math.log(tol * top / worst) / math.log(rate) > max_steps:
