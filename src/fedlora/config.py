@@ -216,6 +216,9 @@ class TrainConfig(_Section):
     local_epochs: float | None = Field(None, gt=0, description="instead of local_steps: passes over local data")
     batch_size: int = Field(16, ge=1, description="examples per local optimizer step")
     lr: float = Field(5e-3, gt=0, description="AdamW learning rate of the local steps")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="the rate across rounds: constant, or from lr in round 1 decayed linearly or by a "
+        "cosine towards 0 after the last round (fedlora.protocol.schedule)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     warmup_steps: int = Field(0, ge=0, description="linear learning-rate warmup steps of each local run")
     optimizer_state: Literal["fresh", "kept"] = Field("fresh", description="fresh AdamW each round, or kept")

@@ -51,7 +51,7 @@ def _factors(gen, rank=RANK):
                        torch.randn(rank, SHAPE[1], generator=gen, dtype=torch.float64), SCALE * RANK / rank)
 
 
-def _strategy(rule, global_rule, groups, depths, group_rounds, seed=0, rule_options=None):
+def _strategy(rule, global_rule, groups, depths, group_rounds, seed=0, rule_options=None, **kwargs):
     gen = torch.Generator().manual_seed(seed)
     state = {m: ModuleState(_factors(gen)) for m in MODULES}
     by_depth = {d: [m for m, b in MODULES.items() if b >= len(MODULES) - d] for d in range(len(MODULES) + 1)}
@@ -60,7 +60,7 @@ def _strategy(rule, global_rule, groups, depths, group_rounds, seed=0, rule_opti
         get_aggregator(rule, **(rule_options or {})), get_aggregator(global_rule), state, {},
         grouping=_Grouping(groups), plan_for=lambda grouping: _Plan([_GroupPlan(3, d) for d in depths]),
         modules_at_depth=lambda d: list(by_depth[d]), group_rounds=group_rounds,
-        train=TrainSettings(), ranks=ranks, seed=seed, history=CorrectionHistory(),
+        train=TrainSettings(), ranks=ranks, seed=seed, history=CorrectionHistory(), **kwargs,
     )
 
 
@@ -174,3 +174,15 @@ def test_a_new_grouping_is_adopted_and_logged_once():
     strategy.regroup(_Grouping([["a"], ["b", "c"]]), 1)
     assert strategy.events[-1] == {"round": 2, "kind": "groups", "groups": [["a"], ["b", "c"]]}
     assert len(strategy.events) == 3 and strategy.lane_of("b") == 1
+
+
+def test_every_group_exchange_of_a_round_trains_at_that_rounds_scheduled_rate():
+    """A cosine schedule over 2 rounds: 1 x the rate in round 1, (1 + cos(pi/2)) / 2 = 0.5 x in round 2."""
+    strategy = _strategy("fedit", "fedit", [["a", "b"], ["c"]], [2, 1], group_rounds=2,
+                         lr_schedule="cosine", rounds=2)
+    lr = TrainSettings().lr
+    for round_idx, factor in ((0, 1.0), (1, 0.5)):
+        for step in range(2):
+            tasks = strategy.configure_train(round_idx, ["a", "b", "c"], step=step)
+            assert [t.train.lr for t in tasks.values()] == pytest.approx([factor * lr] * 3, rel=1e-12)
+            assert [t.train.local_steps for t in tasks.values()] == [3, 3, 3]

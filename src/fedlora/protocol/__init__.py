@@ -21,8 +21,10 @@ from .messages import (
     reply_tensor_bytes,
     task_tensor_bytes,
 )
+from .schedule import LR_SCHEDULES, round_lr
 
 __all__ = [
+    "LR_SCHEDULES",
     "REPLY_FORMAT",
     "TASK_FORMAT",
     "ClientReply",
@@ -35,6 +37,7 @@ __all__ = [
     "encode_reply",
     "encode_task",
     "message_sizes",
+    "round_lr",
     "reply_tensor_bytes",
     "task_tensor_bytes",
 ]

@@ -128,7 +128,7 @@ class HierFedLoRA(RoundStrategy):
     def configure_train(self, round_idx: int, clients: Sequence[str], step: int = 0) -> dict[str, ClientTask]:
         if step == 0:
             self._start_round(round_idx, clients)
-        base = dataclasses.replace(self.train, **self.aggregator.local_training(round_idx))
+        base = self.round_settings(round_idx)
         self._payloads = {}
         catch_up: dict | None = {} if step == 0 else None  # the first exchange brings clients up to date
         tasks = {}

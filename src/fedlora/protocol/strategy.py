@@ -31,6 +31,7 @@ from ..privacy import ClientDP, bound_updates, clip_update, release, update_norm
 from ..types import AggregationInputError, ClientPayload, ClientUpdate, LowRank, ModuleState
 from .history import CorrectionHistory
 from .messages import ClientReply, ClientTask, TrainSettings, reply_tensor_bytes, task_tensor_bytes
+from .schedule import round_lr
 
 
 @dataclass
@@ -107,6 +108,9 @@ class RoundStrategy:
     error_measure : str (default: "exact")
         How each aggregation measures its error (:meth:`fedlora.aggregators.Aggregator.aggregate`): ``"exact"``
         in float64 from the factors, ``"core"`` from the small core where the method's algebra allows.
+    lr_schedule, rounds : str, int (default: "constant", None)
+        The learning rate across the run's ``rounds`` (:mod:`fedlora.protocol.schedule`): each round's tasks
+        carry ``train.lr`` scaled for that round.
 
     A round is ``exchanges_per_round`` exchanges (one here; a hierarchical strategy makes more): for each
     ``step``, ``configure_train`` then ``aggregate_train``, and the last step's result is the round's.
@@ -132,8 +136,14 @@ class RoundStrategy:
         privacy: dict[str, dict] | None = None,
         client_dp: ClientDP | None = None,
         error_measure: str = "exact",
+        lr_schedule: str = "constant",
+        rounds: int | None = None,
     ):
+        if lr_schedule != "constant" and rounds is None:
+            raise ValueError(f"lr schedule {lr_schedule!r} needs the run's number of rounds")
         self.aggregator = aggregator
+        self.lr_schedule = lr_schedule
+        self.rounds = rounds
         self.error_measure = error_measure
         self.client_dp = client_dp
         self.update_bound = update_bound
@@ -150,9 +160,17 @@ class RoundStrategy:
         self._payloads: dict[str, dict[str, ClientPayload]] = {}
 
     # ------------------------------------------------------------ configure
+    def round_settings(self, round_idx: int) -> TrainSettings:
+        """The local training of every client in this round: the run's settings at this round's learning rate
+        (:func:`~fedlora.protocol.schedule.round_lr`), plus what the method asks of every client."""
+        lr = self.train.lr
+        if self.lr_schedule != "constant":
+            lr = round_lr(lr, self.lr_schedule, round_idx, self.rounds)
+        return dataclasses.replace(self.train, lr=lr, **self.aggregator.local_training(round_idx))
+
     def configure_train(self, round_idx: int, clients: Sequence[str], step: int = 0) -> dict[str, ClientTask]:
         """One task per client of this round (0-based ``round_idx``; ``step`` < ``exchanges_per_round``)."""
-        settings = dataclasses.replace(self.train, **self.aggregator.local_training(round_idx))
+        settings = self.round_settings(round_idx)
         self._payloads = {}
         catch_up: dict[int, dict[str, LowRank]] = {}  # clients at one version share one (read, compressed) sum
         tasks = {}

@@ -76,7 +76,8 @@ class Simulation:
                       history=CorrectionHistory(load=self._corrections_of),
                       update_bound=(bound, cfg.privacy.bound_mode) if bound is not None else None,
                       privacy=self.ledger.settings if self.ledger is not None else None, client_dp=self.client_dp,
-                      error_measure=cfg.federation.error_measure)
+                      error_measure=cfg.federation.error_measure, lr_schedule=cfg.train.lr_schedule,
+                      rounds=cfg.federation.rounds)
         if self.method == HierFedLoRA.name:
             self.strategy = build_hierarchy(hier_options(cfg.federation.method_options), self.clock,
                                             self.data.histograms, self.host.read_state(), head, **kwargs)
@@ -252,6 +253,8 @@ class Simulation:
         self._round_corrections = result.corrections  # written by the round's checkpoint
         self.host.install_global(result.global_state, result.head)
         record = _record(self.method, result, header_bytes)
+        if self.cfg.train.lr_schedule != "constant":
+            record["lr"] = self.strategy.round_settings(round_idx).lr
         if wire:
             record["wire_tensor_bytes"] = sum(wire.values())
         lanes = {cid: self.strategy.lane_of(cid) for cid in clients}
