@@ -169,6 +169,10 @@ class Simulation:
             if fixed is not None and rounds != fixed:
                 raise ConfigError(f"federation.rounds={rounds}: {run_dir} calibrated its DP noise to a target epsilon "
                                   f"over {fixed} rounds; it cannot be extended")
+            schedule = raw.get("train", {}).get("lr_schedule", "constant")
+            if schedule != "constant" and rounds != raw.get("federation", {}).get("rounds"):
+                raise ConfigError(f"federation.rounds={rounds}: {run_dir} decays its learning rate over its own "
+                                  f"rounds (train.lr_schedule={schedule}); it cannot be extended")
             raw = {**raw, "federation": {**raw.get("federation", {}), "rounds": rounds}}
         cfg = config_from_dict(raw)
         cfg.output_dir = str(run_dir)
