@@ -160,13 +160,17 @@ class RoundStrategy:
         self._payloads: dict[str, dict[str, ClientPayload]] = {}
 
     # ------------------------------------------------------------ configure
+    def lr_at(self, round_idx: int) -> float:
+        """This round's learning rate (:func:`~fedlora.protocol.schedule.round_lr`)."""
+        if self.lr_schedule == "constant":
+            return self.train.lr
+        return round_lr(self.train.lr, self.lr_schedule, round_idx, self.rounds)
+
     def round_settings(self, round_idx: int) -> TrainSettings:
-        """The local training of every client in this round: the run's settings at this round's learning rate
-        (:func:`~fedlora.protocol.schedule.round_lr`), plus what the method asks of every client."""
-        lr = self.train.lr
-        if self.lr_schedule != "constant":
-            lr = round_lr(lr, self.lr_schedule, round_idx, self.rounds)
-        return dataclasses.replace(self.train, lr=lr, **self.aggregator.local_training(round_idx))
+        """The local training of every client in this round: the run's settings at this round's learning rate,
+        plus what the method asks of every client."""
+        method_asks = self.aggregator.local_training(round_idx)
+        return dataclasses.replace(self.train, lr=self.lr_at(round_idx), **method_asks)
 
     def configure_train(self, round_idx: int, clients: Sequence[str], step: int = 0) -> dict[str, ClientTask]:
         """One task per client of this round (0-based ``round_idx``; ``step`` < ``exchanges_per_round``)."""

@@ -258,7 +258,7 @@ class Simulation:
         self.host.install_global(result.global_state, result.head)
         record = _record(self.method, result, header_bytes)
         if self.cfg.train.lr_schedule != "constant":
-            record["lr"] = self.strategy.round_settings(round_idx).lr
+            record["lr"] = self.strategy.lr_at(round_idx)
         if wire:
             record["wire_tensor_bytes"] = sum(wire.values())
         lanes = {cid: self.strategy.lane_of(cid) for cid in clients}
