@@ -36,6 +36,7 @@ from ..aggregators.accounting import error_ratio
 from ..hier import Grouping, Plan
 from ..types import ClientUpdate, LowRank, ModuleState
 from .messages import ClientReply, ClientTask, reply_tensor_bytes, task_tensor_bytes
+from .screening import bound_replies, client_update, screen_replies
 from .strategy import RoundResult, RoundStrategy, modules_by_trainers
 
 
@@ -158,8 +159,8 @@ class HierFedLoRA(RoundStrategy):
     def aggregate_train(self, round_idx: int, tasks: dict[str, ClientTask], replies: dict[str, ClientReply],
                         failed: dict[str, str] | None = None, step: int = 0) -> RoundResult:
         """Aggregate each group; on the round's last exchange, aggregate across groups too."""
-        accepted, rejected = self._screen(tasks, replies, failed)
-        accepted, clipped = self._bound(tasks, accepted, rejected)
+        accepted, rejected = screen_replies(tasks, replies, failed, self.global_state, self.head)
+        accepted, clipped = bound_replies(tasks, accepted, rejected, self.update_bound)
         ranks = {cid: tasks[cid].rank for cid in accepted}
         self._adopt_ranks(accepted)
         inner_errors = []
@@ -184,7 +185,7 @@ class HierFedLoRA(RoundStrategy):
     def _aggregate_in_group(self, round_idx, group: _Group, done, tasks, accepted) -> float:
         modules = sorted(accepted[done[0]].factors, key=list(self.global_state).index)
         sub = {m: group.state[m] for m in modules}
-        updates = [self._update(tasks[c], accepted[c], modules) for c in done]
+        updates = [client_update(tasks[c], accepted[c], modules) for c in done]
         payloads = {c: {m: self._payloads[c][m] for m in modules} for c in done}
         res = self.aggregator.aggregate(sub, updates, round_idx, payloads=payloads, next_payloads=False,
                                         error_measure=self.error_measure)

@@ -6,10 +6,11 @@
    (computed once, at its own rank), the head, the training settings, the seed stream, the proximal weight,
    and the correction to the frozen weights the client lacks since it last took part (from the versioned
    :class:`~fedlora.protocol.history.CorrectionHistory`, as compressed factors);
-2. checks every reply (a malformed or non-finite one is rejected, with the reason), aggregates each module
-   over the clients that trained it (one aggregator call per group of modules trained by the same clients:
-   one call when every client trains every module), averages the heads with the same weights, appends the
-   round's corrections to the history, and counts bytes from the messages themselves.
+2. checks every reply (:mod:`~fedlora.protocol.screening`: a malformed or non-finite one is rejected, with
+   the reason), aggregates each module over the clients that trained it (one aggregator call per group of
+   modules trained by the same clients: one call when every client trains every module), averages the heads
+   with the same weights, appends the round's corrections to the history, and counts bytes from the messages
+   themselves.
 
 A runtime moves the tasks and replies (:mod:`fedlora.protocol.runtime`); the strategy never trains.
 """
@@ -21,17 +22,17 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
 from .. import lowrank, seeds
-from ..aggregators import Aggregator, validate_update
+from ..aggregators import Aggregator
 from ..aggregators.accounting import error_ratio
-from ..privacy import ClientDP, bound_updates, clip_update, release, update_norm
-from ..types import AggregationInputError, ClientPayload, ClientUpdate, LowRank, ModuleState
+from ..privacy import ClientDP, release
+from ..types import ClientPayload, LowRank, ModuleState
 from .history import CorrectionHistory
-from .messages import ClientReply, ClientTask, TrainSettings, reply_tensor_bytes, task_tensor_bytes
+from .messages import ClientReply, ClientTask, TrainSettings
 from .schedule import round_lr
+from .screening import bound_replies, client_update, screen_replies, traffic_and_loss
 
 
 @dataclass
@@ -229,14 +230,14 @@ class RoundStrategy:
         failed: dict[str, str] | None = None, step: int = 0,
     ) -> RoundResult:
         """Check the replies, aggregate, and advance the global state and history by one round."""
-        accepted, rejected = self._screen(tasks, replies, failed)
+        accepted, rejected = screen_replies(tasks, replies, failed, self.global_state, self.head)
         if self.client_dp is not None:
             return self._release(round_idx, tasks, replies, accepted, rejected)
-        accepted, clipped = self._bound(tasks, accepted, rejected)
+        accepted, clipped = bound_replies(tasks, accepted, rejected, self.update_bound)
         round_ranks = {cid: tasks[cid].rank for cid in accepted}
         cut = self.energy_rank()  # the ranks this round trained at, before any client pruned
         self._adopt_ranks(accepted)
-        bytes_up, bytes_down, train_loss = _traffic_and_loss(tasks, replies, accepted)
+        bytes_up, bytes_down, train_loss = traffic_and_loss(tasks, replies, accepted)
 
         corrections: dict[str, LowRank] = {}
         weights: dict[str, float] = {}
@@ -281,7 +282,7 @@ class RoundStrategy:
         self.history.append(round_idx + 1, out.tails)
         m = self.client_dp.expected_clients
         info = {"clipped": out.clipped} if out.clipped else {}
-        bytes_up, bytes_down, train_loss = _traffic_and_loss(tasks, replies, accepted)
+        bytes_up, bytes_down, train_loss = traffic_and_loss(tasks, replies, accepted)
         return RoundResult(
             round=round_idx + 1, clients=list(accepted), rejected=rejected, global_state=self.global_state,
             head=self.head, corrections=out.tails, weights={c: 1.0 / m for c in accepted},
@@ -312,78 +313,6 @@ class RoundStrategy:
         self.synced = {cid: int(v) for cid, v in state.get("synced", {}).items()}
         self.ranks.update({cid: int(r) for cid, r in state.get("ranks", {}).items()})
 
-    def _screen(self, tasks, replies, failed) -> tuple[dict[str, ClientReply], dict[str, str]]:
-        """The well-formed replies, and why each other client of ``tasks`` has none."""
-        rejected = dict(failed or {})
-        accepted: dict[str, ClientReply] = {}
-        for cid, task in tasks.items():
-            if cid in rejected:
-                continue
-            reply = replies.get(cid)
-            try:
-                if reply is None:
-                    raise AggregationInputError("no reply", client_id=cid)
-                self._check_reply(task, reply)
-            except AggregationInputError as err:
-                rejected[cid] = str(err)
-            else:
-                accepted[cid] = reply
-        return accepted, rejected
-
-    def _bound(self, tasks, accepted: dict[str, ClientReply],
-               rejected: dict[str, str]) -> tuple[dict[str, ClientReply], dict[str, float]]:
-        """Apply ``update_bound``: the kept (or clipped) replies; each clipped client's norm before clipping."""
-        if self.update_bound is None or not accepted:
-            return accepted, {}
-        factor, mode = self.update_bound
-        norms = {cid: update_norm(tasks[cid].adapter, r.factors) for cid, r in accepted.items()}
-        kept, clipped = {}, {}
-        for cid, decision in bound_updates(norms, factor, mode).items():
-            reply = accepted[cid]
-            if decision.action == "keep":
-                kept[cid] = reply
-            elif decision.action == "reject":
-                rejected[cid] = (f"client {cid!r}: update norm {decision.norm:.3g} is above {factor:g} x the median "
-                                 f"({decision.bound:.3g}); rejected")
-            else:
-                factors, _ = clip_update(tasks[cid].adapter, reply.factors, decision.bound)
-                kept[cid] = dataclasses.replace(reply, factors=factors)
-                clipped[cid] = decision.norm
-        return {cid: kept[cid] for cid in accepted if cid in kept}, clipped
-
-    def _check_reply(self, task: ClientTask, reply: ClientReply) -> None:
-        cid = task.client_id
-        if reply.client_id != cid or reply.round != task.round:
-            raise AggregationInputError(
-                f"reply for client {reply.client_id!r} round {reply.round} answers task round {task.round}",
-                client_id=cid,
-            )
-        expected = set(task.modules if task.modules is not None else self.global_state)
-        if set(reply.factors) != expected:
-            raise AggregationInputError(
-                f"reply modules {sorted(reply.factors)[:3]}... differ from the task's", client_id=cid
-            )
-        sub = {m: self.global_state[m] for m in expected}
-        validate_update(sub, self._update(task, reply, sorted(expected)))
-        if set(reply.head) != set(self.head):
-            raise AggregationInputError(f"head tensors {sorted(reply.head)} differ from {sorted(self.head)}",
-                                        client_id=cid)
-        pruned = reply.metrics.get("rank")
-        if pruned is not None and not (float(pruned).is_integer() and 1 <= pruned <= task.rank):
-            raise AggregationInputError(f"reported rank {pruned} is not an int in 1..{task.rank}", client_id=cid)
-        for k, h in reply.head.items():
-            if h.shape != self.head[k].shape or not torch.isfinite(h).all():
-                raise AggregationInputError(f"head {k} has another shape or contains NaN or Inf", client_id=cid)
-
-    def _update(self, task: ClientTask, reply: ClientReply, modules: Sequence[str]) -> ClientUpdate:
-        return ClientUpdate(
-            client_id=task.client_id,
-            factors={m: reply.factors[m] for m in modules},
-            num_examples=reply.num_examples,
-            rank=reply.rank,
-            label_histogram=reply.label_histogram,
-        )
-
     def _adopt_ranks(self, accepted: dict[str, ClientReply]) -> None:
         """A client that pruned (``metrics["rank"]``) trains its new rank from now on."""
         for cid, reply in accepted.items():
@@ -392,17 +321,7 @@ class RoundStrategy:
 
     def _aggregate_group(self, round_idx, group, modules, tasks, accepted, energy_rank=None):
         sub = {m: self.global_state[m] for m in modules}
-        updates = [self._update(tasks[c], accepted[c], modules) for c in group]
+        updates = [client_update(tasks[c], accepted[c], modules) for c in group]
         payloads = {c: {m: self._payloads[c][m] for m in modules} for c in group}
         return self.aggregator.aggregate(sub, updates, round_idx, payloads=payloads, next_payloads=False,
                                          energy_rank=energy_rank, error_measure=self.error_measure)
-
-
-def _traffic_and_loss(tasks: dict[str, ClientTask], replies: dict[str, ClientReply],
-                      accepted: dict[str, ClientReply]) -> tuple[dict[str, int], dict[str, int], float | None]:
-    """Tensor bytes up (every reply that came back) and down (every task sent), and the accepted replies'
-    mean training loss (``None`` when none was accepted)."""
-    bytes_up = {cid: reply_tensor_bytes(r) for cid, r in replies.items() if r is not None}
-    bytes_down = {cid: task_tensor_bytes(t) for cid, t in tasks.items()}
-    loss = float(sum(r.train_loss for r in accepted.values()) / len(accepted)) if accepted else None
-    return bytes_up, bytes_down, loss
