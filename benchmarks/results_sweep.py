@@ -3,6 +3,7 @@
     FEDLORA_DATA_DIR=../shared/data .venv/bin/python benchmarks/results_sweep.py            # all (resumable)
     .venv/bin/python benchmarks/results_sweep.py --phase lr                                   # only step 1
     .venv/bin/python benchmarks/results_sweep.py --tasks sst2                                 # step 2 for one task
+    .venv/bin/python benchmarks/results_sweep.py --tasks cola_long --workers 2                # two processes a sweep
 
 1. **Learning rate per method** (``recipes/sweeps/results_lr.yaml``): SST-2, Dirichlet 0.5, seed 0, every
    method at 5e-4, 2e-3 and 5e-3, evaluated on 10 % of the training data held out from every client
@@ -75,9 +76,9 @@ def _data_dir(task: str) -> str:
     return str(root / ("agnews" if task == "agnews" else "glue"))
 
 
-def _sweep(spec: Path, data_dir: str) -> None:
-    subprocess.run([str(ROOT / ".venv" / "bin" / "fedlora"), "sweep", str(spec), "--data-dir", data_dir],
-                   check=True, cwd=ROOT, env=_env())
+def _sweep(spec: Path, data_dir: str, workers: int) -> None:
+    subprocess.run([str(ROOT / ".venv" / "bin" / "fedlora"), "sweep", str(spec), "--data-dir", data_dir,
+                    "--workers", str(workers)], check=True, cwd=ROOT, env=_env())
 
 
 def _finished(out: Path) -> bool:
@@ -134,6 +135,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phase", choices=["all", "lr", "sweep"], default="all")
     parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--workers", type=int, default=1, help="processes per sweep (fedlora sweep --workers)")
     opts = parser.parse_args()
     t0 = time.perf_counter()
     tasks = opts.tasks.split(",")
@@ -146,7 +148,7 @@ def main() -> None:
             lr_sweep = RATE_STEPS[setting][0]
             task = next(o.split("=", 1)[1] for o in yaml.safe_load(lr_sweep.read_text())["overrides"]
                         if o.startswith("data.task="))  # the task step 1 reads, not the tasks swept
-            _sweep(lr_sweep, _data_dir(task))
+            _sweep(lr_sweep, _data_dir(task), opts.workers)
     if opts.phase in ("all", "sweep"):
         for task in tasks:
             choice = choose_rates(TASKS[task][1])
@@ -154,7 +156,7 @@ def main() -> None:
                 print(f"{task}: step 1 ({RATE_STEPS[TASKS[task][1]][0].name}) is not finished: --phase lr")
                 continue
             print(f"{task}: learning rates {choice}", flush=True)
-            _sweep(main_spec(task, choice), _data_dir(task))
+            _sweep(main_spec(task, choice), _data_dir(task), opts.workers)
         measured = [str(OUT / t) for t in TASKS if _finished(OUT / t)]  # every finished task, not only these
         subprocess.run([str(ROOT / ".venv" / "bin" / "python"), str(ROOT / "benchmarks" / "results_claims.py"),
                         *measured, "--out", str(ROOT / "docs" / "results_claims.md")],

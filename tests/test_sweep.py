@@ -1,5 +1,6 @@
 """``fedlora sweep``: the grid, the centralized ceiling, the validation split, and a sweep killed midway that
-finishes only its missing cells with the numbers of an uninterrupted sweep (the real CLI, SIGKILL)."""
+finishes only its missing cells with the numbers of an uninterrupted sweep (the real CLI, SIGKILL), and two
+workers sharing one sweep."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 import yaml
 
 from engine_fixtures import tiny_overrides
-from fedlora.sweep import load_sweep, parse_method, plan_cells
+from fedlora.sweep import claim, load_sweep, parse_method, plan_cells
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
@@ -108,13 +109,20 @@ def _numbers(out: Path) -> dict[str, list]:
             for c in cells}
 
 
-def test_a_killed_sweep_finishes_only_the_missing_cells_with_the_same_numbers(assets, tmp_path):
+@pytest.fixture(scope="module")
+def whole(assets, tmp_path_factory) -> Path:
+    """The tiny sweep, uninterrupted, one process: the numbers the others must reproduce."""
+    tmp_path = tmp_path_factory.mktemp("whole")
     whole = tmp_path / "whole"
     done = _cli("sweep", _sweep_file(tmp_path, assets, whole), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (whole / "report.md").exists()
     manifest = json.loads((whole / "sweep.json").read_text())
     assert {c["status"] for c in manifest["cells"]} == {"done"} and len(manifest["cells"]) == 12
+    return whole
+
+
+def test_a_killed_sweep_finishes_only_the_missing_cells_with_the_same_numbers(assets, tmp_path, whole):
 
     cut = tmp_path / "cut"
     spec = _sweep_file(tmp_path, assets, cut)
@@ -137,3 +145,43 @@ def test_a_killed_sweep_finishes_only_the_missing_cells_with_the_same_numbers(as
     assert f"10 runs ({len(finished)} done, {10 - len(finished)} to run)" in again.stderr.replace("\n", " ")
     assert {d: (cut / d / "metrics.jsonl").stat().st_mtime_ns for d in finished} == before  # not run again
     assert _numbers(cut) == _numbers(whole)
+
+
+def test_a_claim_is_held_until_its_process_ends_even_when_killed(tmp_path):
+    with claim(tmp_path, "cell") as first:
+        with claim(tmp_path, "cell") as second, claim(tmp_path, "other") as other:
+            assert first and not second and other
+    with claim(tmp_path, "cell") as again:
+        assert again  # released when the block ended
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from fedlora.sweep import claim\n"
+        f"with claim(Path({str(tmp_path)!r}), 'cell') as held:\n"
+        "    print(held, flush=True); time.sleep(600)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "True"
+        with claim(tmp_path, "cell") as held:
+            assert not held
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)  # a crashed worker leaves no stale claim
+        holder.wait()
+    with claim(tmp_path, "cell") as held:
+        assert held
+
+
+def test_two_workers_run_every_cell_once_with_the_numbers_of_one_process(assets, tmp_path, whole):
+    pair = tmp_path / "pair"
+    done = _cli("sweep", _sweep_file(tmp_path, assets, pair), "--workers", "2", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (pair / "report.md").exists() and (pair / "workers" / "worker-1.log").exists()
+    manifest = json.loads((pair / "sweep.json").read_text())
+    assert {c["status"] for c in manifest["cells"]} == {"done"}
+    # each run once: a cell run twice at once would resume over itself or start again from round 1
+    starts = {d: (pair / d / "run.log").read_text().count("round 1/") for d in {c["dir"] for c in manifest["cells"]}}
+    assert set(starts.values()) == {1}, starts
+    ours, theirs = _numbers(pair), _numbers(whole)
+    assert ours.keys() == theirs.keys()
+    for name, rounds in theirs.items():  # one thread per worker: sums may round differently in the last bits
+        assert [r[:2] for r in ours[name]] == [r[:2] for r in rounds], name
+        assert [r[2] for r in ours[name]] == pytest.approx([r[2] for r in rounds], rel=1e-4), name  # eval loss
+        errors = [(r[3], mine[3]) for r, mine in zip(rounds, ours[name])]
+        assert all((a is None) == (b is None) and (a is None or b == pytest.approx(a, abs=1e-6)) for a, b in errors)

@@ -1,14 +1,17 @@
 """``fedlora sweep`` and ``fedlora report``: many runs, one progress view, one report.
 
-    fedlora sweep SWEEP.yaml [--out DIR] [--data-dir DIR] [--dry-run]
+    fedlora sweep SWEEP.yaml [--out DIR] [--data-dir DIR] [--dry-run] [--workers N] [--no-report]
     fedlora report DIR [--out DIR]
 
 A sweep skips finished cells, resumes a killed cell from its checkpoint and starts the others; it checks
-every cell's config before training any. Errors end in one line and exit 2, as everywhere in the CLI.
+every cell's config before training any. Several processes may share one sweep (``--workers N`` starts
+them): each claims a cell before running it, and the one the user started writes the report. Errors end in one line and exit 2, as everywhere in the CLI.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -49,8 +52,16 @@ class _SweepProgress:
         elif kind == "round":
             self.bars.advance(self.rounds)
 
-    def cell_done(self) -> None:
-        self.bars.advance(self.cells)
+    def cell_done(self, done: set) -> None:
+        """A cell of this process ended; ``done``: every finished run, this process's or another's."""
+        self.bars.update(self.cells, completed=len(done))
+
+    def wait_for(self, procs, done: Callable[[], set]) -> None:
+        """Wait for the other workers, the cells bar following what they finish."""
+        self.bars.update(self.rounds, visible=False)
+        while any(p.poll() is None for p in procs):
+            self.bars.update(self.cells, completed=len(done()))
+            time.sleep(2)
 
 
 def sweep(
@@ -59,11 +70,17 @@ def sweep(
     out: Annotated[str | None, typer.Option(help="sweep folder (default: the file's out)")] = None,
     data_dir: Annotated[str | None, typer.Option(help="offline data folder (default $FEDLORA_DATA_DIR)")] = None,
     dry_run: Annotated[bool, typer.Option(help="check every cell and write sweep.json; train nothing")] = False,
+    workers: Annotated[int, typer.Option(min=1, help="processes sharing the cells, cores / N threads each (logs "
+                                         "in OUT/workers/)")] = 1,
+    write_report: Annotated[bool, typer.Option("--report/--no-report", help="write the report once every cell "
+                                               "is done")] = True,
 ) -> None:
-    """Run methods x partitions x seeds (x ranks, x lrs): resumable, then write the report."""
+    """Run methods x partitions x seeds (x ranks, x lrs): resumable, then write the report. Several
+    `fedlora sweep` of one file may run at once (--workers starts them): no cell runs twice."""
     from . import sweep as sw
+    from .cli_workers import check_workers, start_workers, stop_workers, threads_per_worker
 
-    cell = None
+    cell, procs = None, []
     try:
         spec = sw.load_sweep(spec_file, out)
         cells = sw.plan_cells(spec, data_dir)
@@ -72,40 +89,62 @@ def sweep(
         configs = {c.name: sw.cell_config(spec, c) for c in cells}
         for cfg in configs.values():  # every cell's method, options and model, before any training
             Simulation.check(cfg)
-        status = {c.name: sw.cell_status(c, configs[c.name].federation.rounds) for c in cells}
+
+        def statuses() -> dict[str, str]:  # read from disk: other processes may be running cells
+            return {c.name: sw.cell_status(c, configs[c.name].federation.rounds) for c in cells}
+
+        def done_runs() -> set[Path]:
+            now = statuses()
+            return {c.dir for c in cells if now[c.name] == "done"}
+
+        status = statuses()
         sw.write_manifest(spec, cells, status)
         runs = {c.dir: c for c in cells}  # a centralized run serves every partition: run it once
         todo = [c for d, c in runs.items() if status[c.name] != "done"]
         console.print(f"sweep: {len(runs)} runs ({len(runs) - len(todo)} done, {len(todo)} to run) in {spec.out}")
         if dry_run:
             return
+        workers = min(workers, max(len(todo), 1))
+        if workers > 1:
+            import torch
+
+            procs = start_workers(spec_file, spec.out, data_dir, workers - 1)
+            torch.set_num_threads(threads_per_worker(workers))
         with _SweepProgress(len(runs), len(runs) - len(todo)) as view:
             for cell in todo:
-                cfg = configs[cell.name]
-                _setup_logging(cell.dir)
-                view.start_cell(cell.name)
-                if status[cell.name] == "partial":
-                    sim = Simulation.resume(cell.dir)
-                else:
-                    if cell.dir.exists():  # a cell killed before its first checkpoint: start it again
+                with sw.claim(spec.out, cell.dir.name) as held:
+                    state = sw.cell_status(cell, configs[cell.name].federation.rounds)
+                    if not held or state == "done":  # another process runs it, or has finished it
+                        continue
+                    if state == "pending" and cell.dir.exists():  # killed before its first checkpoint: again
                         import shutil
 
                         shutil.rmtree(cell.dir)
-                    sim = Simulation(cfg)
-                sim.run(on_event=view)
-                for c in cells:
-                    if c.dir == cell.dir:
-                        status[c.name] = "done"
-                sw.write_manifest(spec, cells, status)
-                view.cell_done()
+                    _setup_logging(cell.dir)  # after the clean-up, which would take the cell's run.log with it
+                    view.start_cell(cell.name)
+                    sim = Simulation.resume(cell.dir) if state == "partial" else Simulation(configs[cell.name])
+                    sim.run(on_event=view)
+                sw.write_manifest(spec, cells, statuses())
+                view.cell_done(done_runs())
+            cell = None
+            view.wait_for(procs, done_runs)
+        check_workers(procs, spec.out)
+        status = statuses()
+        sw.write_manifest(spec, cells, status)
     except USER_ERRORS as err:
+        stop_workers(procs)
         _fail(err)
     except KeyboardInterrupt:
+        stop_workers(procs)
         where = f" (cell {cell.name})" if cell is not None else ""
         _error_line(f"interrupted{where}; finished cells are kept: run the same `fedlora sweep {spec_file}` "
                     "to finish the rest")
         raise typer.Exit(130) from None
-    _write_report(spec.out, None)
+    running = {c.dir for c in cells if status[c.name] != "done"}
+    if running:  # held by processes this one did not start: the last of them writes the report
+        console.print(f"sweep: {len(running)} runs still running in other processes")
+    elif write_report:
+        _write_report(spec.out, None)
 
 
 def _write_report(folder: Path, out: str | None) -> None:

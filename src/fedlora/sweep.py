@@ -22,11 +22,14 @@ seed (and rank and rate) and every partition's cell points at that run.
 
 ``out/sweep.json`` lists every cell (name, folder, keys, status); a cell is done when its
 ``metrics.jsonl`` holds every round. Nothing here trains: the CLI runs the cells (resuming a killed one
-from its checkpoint) and :mod:`fedlora.report_dir` reads the folder.
+from its checkpoint) and :mod:`fedlora.report_dir` reads the folder. Several processes may run one sweep
+at once: each takes a cell's :func:`claim` (``out/claims/``) before running it, so no cell runs twice.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +41,7 @@ from .config import RunConfig, load_config
 from .runlog import METRICS_FILE, load_metrics
 
 MANIFEST = "sweep.json"
+CLAIMS = "claims"
 CENTRALIZED = "centralized"
 _KEYS = {"config", "overrides", "out", "methods", "partitions", "seeds", "ranks", "lrs"}
 
@@ -205,3 +209,31 @@ def write_manifest(spec: SweepSpec, cells: list[Cell], status: dict[str, str]) -
     path = spec.out / MANIFEST
     write_json_atomic(path, doc)
     return path
+
+
+@contextlib.contextmanager
+def claim(out: Path, name: str) -> Iterator[bool]:
+    """Hold ``name`` (a cell's folder name, or ``report``) for this process while the block runs: ``True``,
+    or ``False`` when another process already holds it.
+
+    An advisory lock (``flock``) on ``out/claims/NAME.lock``: the operating system drops it when its process
+    ends, killed or not, so a crashed worker never leaves a stale claim. Processes on one machine (or on a
+    shared filesystem whose locks work); where ``fcntl`` is missing every claim succeeds (one worker).
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: one worker, nothing to share
+        yield True
+        return
+    path = out / CLAIMS / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:  # the file stays: removing it would race with a process opening it
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
