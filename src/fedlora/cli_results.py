@@ -144,7 +144,9 @@ def sweep(
     if running:  # held by processes this one did not start: the last of them writes the report
         console.print(f"sweep: {len(running)} runs still running in other processes")
     elif write_report:
-        _write_report(spec.out, None)
+        with sw.claim(spec.out, "report") as held:  # two processes finishing together: one report
+            if held:
+                _write_report(spec.out, None)
 
 
 def _write_report(folder: Path, out: str | None) -> None:
