@@ -108,7 +108,8 @@ def choose_rates(setting: str) -> dict[str, float] | None:
     for cell in _cells(out):
         last = [r["metric"] for r in cell["records"][-3:]]
         scores.setdefault(cell["keys"]["method"], {})[cell["keys"]["lr"]] = sum(last) / len(last)
-    choice = {m: max(by_lr, key=by_lr.get) for m, by_lr in scores.items()}
+    # a tie (CoLA: several rates still at the majority class) goes to the lowest rate
+    choice = {m: max(sorted(by_lr), key=by_lr.get) for m, by_lr in scores.items()}
     choice_file.parent.mkdir(parents=True, exist_ok=True)
     choice_file.write_text(json.dumps({"chosen": choice, "validation_last3_mean": scores}, indent=1) + "\n")
     return choice
