@@ -145,7 +145,7 @@ LAYERS = [
     ["fedlora.sim"],
     ["fedlora.flower"],  # the only package that imports flwr
     ["fedlora.export"],
-    ["fedlora.cli", "fedlora.cli_flower", "fedlora.cli_results", "fedlora.cli_inspect"],
+    ["fedlora.cli", "fedlora.cli_flower", "fedlora.cli_results", "fedlora.cli_workers", "fedlora.cli_inspect"],
 ]
 
 
