@@ -5,7 +5,8 @@
 
 A sweep skips finished cells, resumes a killed cell from its checkpoint and starts the others; it checks
 every cell's config before training any. Several processes may share one sweep (``--workers N`` starts
-them): each claims a cell before running it, and the one the user started writes the report. Errors end in one line and exit 2, as everywhere in the CLI.
+them): each claims a cell before running it, and takes up a cell whose process died. Errors end in one
+line and exit 2, as everywhere in the CLI.
 """
 
 from __future__ import annotations
@@ -111,21 +112,25 @@ def sweep(
             procs = start_workers(spec_file, spec.out, data_dir, workers - 1)
             torch.set_num_threads(threads_per_worker(workers))
         with _SweepProgress(len(runs), len(runs) - len(todo)) as view:
-            for cell in todo:
-                with sw.claim(spec.out, cell.dir.name) as held:
-                    state = sw.cell_status(cell, configs[cell.name].federation.rounds)
-                    if not held or state == "done":  # another process runs it, or has finished it
-                        continue
-                    if state == "pending" and cell.dir.exists():  # killed before its first checkpoint: again
-                        import shutil
+            ran = True
+            while ran:  # again until a pass runs nothing: a cell whose process died is free again
+                ran = False
+                for cell in todo:
+                    with sw.claim(spec.out, cell.dir.name) as held:
+                        state = sw.cell_status(cell, configs[cell.name].federation.rounds)
+                        if not held or state == "done":  # another process runs it, or has finished it
+                            continue
+                        if state == "pending" and cell.dir.exists():  # killed before its first checkpoint
+                            import shutil
 
-                        shutil.rmtree(cell.dir)
-                    _setup_logging(cell.dir)  # after the clean-up, which would take the cell's run.log with it
-                    view.start_cell(cell.name)
-                    sim = Simulation.resume(cell.dir) if state == "partial" else Simulation(configs[cell.name])
-                    sim.run(on_event=view)
-                sw.write_manifest(spec, cells, statuses())
-                view.cell_done(done_runs())
+                            shutil.rmtree(cell.dir)
+                        _setup_logging(cell.dir)  # after the clean-up, which would take the run.log with it
+                        view.start_cell(cell.name)
+                        sim = Simulation.resume(cell.dir) if state == "partial" else Simulation(configs[cell.name])
+                        sim.run(on_event=view)
+                        ran = True
+                    sw.write_manifest(spec, cells, statuses())
+                    view.cell_done(done_runs())
             cell = None
             view.wait_for(procs, done_runs)
         check_workers(procs, spec.out)
@@ -142,7 +147,8 @@ def sweep(
         raise typer.Exit(130) from None
     running = {c.dir for c in cells if status[c.name] != "done"}
     if running:  # held by processes this one did not start: the last of them writes the report
-        console.print(f"sweep: {len(running)} runs still running in other processes")
+        console.print(f"sweep: {len(running)} runs are held by other processes; the last to finish writes the "
+                      "report (if none is running, run the sweep again)")
     elif write_report:
         with sw.claim(spec.out, "report") as held:  # two processes finishing together: one report
             if held:
