@@ -185,3 +185,20 @@ def test_two_workers_run_every_cell_once_with_the_numbers_of_one_process(assets,
         assert [r[2] for r in ours[name]] == pytest.approx([r[2] for r in rounds], rel=1e-4), name  # eval loss
         errors = [(r[3], mine[3]) for r, mine in zip(rounds, ours[name])]
         assert all((a is None) == (b is None) and (a is None or b == pytest.approx(a, abs=1e-6)) for a, b in errors)
+
+
+def test_a_cell_another_process_holds_is_left_to_it_and_taken_up_once_free(assets, tmp_path):
+    out = tmp_path / "held"
+    spec = _sweep_file(tmp_path, assets, out, methods=["fedex"], partitions={"iid": ["partition.scheme=iid"]})
+    with claim(out, "fedex__iid__s1") as held:  # as a worker running that cell would
+        assert held
+        first = _cli("sweep", spec, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "1 runs are held by other processes" in first.stderr.replace("\n", " ")
+    assert not (out / "report.md").exists() and not (out / "cells" / "fedex__iid__s1").exists()
+    assert (out / "cells" / "fedex__iid__s0" / "metrics.jsonl").read_text().count("\n") == 2
+    again = _cli("sweep", spec, cwd=tmp_path)  # the holder is gone: the cell is free
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "2 runs (1 done, 1 to run)" in again.stderr.replace("\n", " ")
+    assert (out / "cells" / "fedex__iid__s1" / "metrics.jsonl").read_text().count("\n") == 2
+    assert (out / "report.md").exists()
