@@ -94,9 +94,9 @@ def test_validation_fraction_is_held_out_of_training(assets, tmp_path):
     assert not set(zip(train.texts, train.labels)) & set(zip(held.texts, held.labels)) or len(set(train.texts)) < len(train)
 
 
-def _cli(*args, cwd: Path, wait: bool = True):
+def _cli(*args, cwd: Path, wait: bool = True, python: tuple[str, ...] = ("-m", "fedlora.cli")):
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "FORCE_COLOR")} | OFFLINE
-    argv = [sys.executable, "-m", "fedlora.cli", *map(str, args)]
+    argv = [sys.executable, *python, *map(str, args)]
     if wait:
         return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     return subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -202,3 +202,13 @@ def test_a_cell_another_process_holds_is_left_to_it_and_taken_up_once_free(asset
     assert "2 runs (1 done, 1 to run)" in again.stderr.replace("\n", " ")
     assert (out / "cells" / "fedex__iid__s1" / "metrics.jsonl").read_text().count("\n") == 2
     assert (out / "report.md").exists()
+
+
+def test_workers_without_file_locks_is_one_line(assets, tmp_path):
+    spec = _sweep_file(tmp_path, assets, tmp_path / "nolock", methods=["fedex"], seeds=[0])
+    # the real CLI on a system without fcntl: `import fcntl` fails
+    code = "import sys; sys.modules['fcntl'] = None; from fedlora.cli import main; sys.argv[0] = 'fedlora'; main()"
+    result = _cli("sweep", spec, "--workers", "2", cwd=tmp_path, python=("-c", code))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "--workers needs file locks (fcntl)" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "nolock" / "cells").exists()  # nothing trained

@@ -220,11 +220,11 @@ def claim(out: Path, name: str) -> Iterator[bool]:
     ends, killed or not, so a crashed worker never leaves a stale claim. Processes on one machine (or on a
     shared filesystem whose locks work); where ``fcntl`` is missing every claim succeeds (one worker).
     """
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: one worker, nothing to share
+    if not claims_work():  # not POSIX: one worker, nothing to share
         yield True
         return
+    import fcntl
+
     path = out / CLAIMS / f"{name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:  # the file stays: removing it would race with a process opening it
@@ -237,3 +237,12 @@ def claim(out: Path, name: str) -> Iterator[bool]:
             yield True
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def claims_work() -> bool:
+    """Whether :func:`claim` can keep processes apart here (``fcntl``: POSIX systems)."""
+    try:
+        import fcntl  # noqa: F401
+    except ImportError:
+        return False
+    return True
