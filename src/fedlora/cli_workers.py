@@ -1,6 +1,6 @@
 """``fedlora sweep --workers N``: N processes share one sweep's cells.
 
-On 2 shared cores two single-threaded runs finish about a quarter sooner than one after another at two
+On 2 shared cores two single-threaded runs at once take about a fifth less time than one after another at two
 threads each (docs/results.md), so a long sweep runs N-1 extra ``fedlora sweep --no-report`` processes
 beside the one the user started. Each claims a cell before running it (:func:`fedlora.sweep.claim`), so no
 cell runs twice; each has ``cores / N`` threads and writes its log to ``OUT/workers/worker-K.log``.
