@@ -94,8 +94,8 @@ def sweep(
         def statuses() -> dict[str, str]:  # read from disk: other processes may be running cells
             return {c.name: sw.cell_status(c, configs[c.name].federation.rounds) for c in cells}
 
-        def done_runs() -> set[Path]:
-            now = statuses()
+        def done_runs(now: dict[str, str] | None = None) -> set[Path]:
+            now = now or statuses()
             return {c.dir for c in cells if now[c.name] == "done"}
 
         status = statuses()
@@ -131,8 +131,9 @@ def sweep(
                         sim = Simulation.resume(cell.dir) if state == "partial" else Simulation(configs[cell.name])
                         sim.run(on_event=view)
                         ran = True
-                    sw.write_manifest(spec, cells, statuses())
-                    view.cell_done(done_runs())
+                    now = statuses()  # one read of every cell's records serves the manifest and the bar
+                    sw.write_manifest(spec, cells, now)
+                    view.cell_done(done_runs(now))
             cell = None
             view.wait_for(procs, done_runs)
         check_workers(procs, spec.out)
