@@ -143,7 +143,8 @@ def main() -> None:
     work = Path(args.workdir)
     rows = {}
     # Time: both sides in one process, alternating; the median of the paired ratios.
-    timed = _spawn("interleaved", 10, args.per_round, steps, args.batch, work / "timed", 1 if args.quick else args.repeats)
+    timed = _spawn("interleaved", 10, args.per_round, steps, args.batch, work / "timed",
+                   1 if args.quick else args.repeats)
     ratios = sorted(p["ratio"] for p in timed["pairs"])
     plain_s = sorted(p["plain_s"] for p in timed["pairs"])[len(ratios) // 2]
     engine_s = sorted(p["engine_s"] for p in timed["pairs"])[len(ratios) // 2]
@@ -160,7 +161,8 @@ def main() -> None:
     rows["clients_1000_vs_10"] = {"clients_10": few, "clients_1000": many,
                                   "peak_memory_ratio": many["maxrss_mb"] / few["maxrss_mb"]}
 
-    table = Table(title=f"engine overhead: MiniLM, SST-2, {args.per_round} clients x {steps} steps x batch {args.batch}")
+    table = Table(title=f"engine overhead: MiniLM, SST-2, {args.per_round} clients x {steps} steps "
+                        f"x batch {args.batch}")
     for col in ("comparison", "reference", "engine", "ratio", "target"):
         table.add_column(col)
     r = rows["round_vs_plain_peft"]

@@ -30,7 +30,8 @@ RECIPE = "recipes/configs/hierfedlora/minilm_agnews.yaml"
 METHODS = ["hierfedlora", "fedit", "fedex", "hexa"]
 # HierFedLoRA with factor averaging at both levels: no corrections to ship (the exact default ships the
 # groups' folded residuals to their members and the global one to every client that catches up).
-VARIANTS = {"hierfedlora_fedit": ["federation.method_options.rule=fedit", "federation.method_options.global_rule=fedit"]}
+VARIANTS = {"hierfedlora_fedit": ["federation.method_options.rule=fedit",
+                                  "federation.method_options.global_rule=fedit"]}
 OUT = ROOT / "runs" / "heterogeneity"
 
 

@@ -4,8 +4,8 @@
     .venv/bin/python benchmarks/sst2_ceiling_probes.py finetune mean 192 2e-3   # the sweep's budget
     .venv/bin/python benchmarks/sst2_ceiling_probes.py finetune cls 1200 1e-3 --all --batch 32 --decay
 
-``probe``: frozen all-MiniLM-L6-v2 features of 6,000 training sentences (SST-2, or CoLA) (``[CLS]``, BERT's pooler, the masked
-mean of the last layer), a logistic regression on each, accuracy (and MCC) on the whole dev set. ``finetune``:
+``probe``: frozen all-MiniLM-L6-v2 features of 6,000 training sentences (SST-2, or CoLA) (``[CLS]``, BERT's pooler, the
+masked mean of the last layer), a logistic regression on each, accuracy (and MCC) on the whole dev set. ``finetune``:
 LoRA rank 8 (PEFT) on query and value (``--all``: every attention and MLP projection) with a linear head on
 the pooler output (``cls``) or the masked mean (``mean``), AdamW, batch 16 (``--batch``), a constant rate or
 warmup then linear decay (``--decay``), dev accuracy 8 times along the way. One thread, seed 0.

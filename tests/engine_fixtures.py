@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -43,7 +45,8 @@ def make_sentiment_tsv(path: Path, rows: int = 240, seed: int = 0) -> Path:
     return path
 
 
-def tiny_overrides(model_dir: Path, data_file: Path, out_dir: Path, method: str = "fedex", rounds: int = 4) -> list[str]:
+def tiny_overrides(model_dir: Path, data_file: Path, out_dir: Path, method: str = "fedex",
+                   rounds: int = 4) -> list[str]:
     return [
         f"model.name={model_dir}",
         "model.max_length=16",
@@ -63,3 +66,30 @@ def tiny_overrides(model_dir: Path, data_file: Path, out_dir: Path, method: str 
         "lora.alpha=8",
         f"output_dir={out_dir}",
     ]
+
+
+def cli_env() -> dict[str, str]:
+    """The environment of a CLI subprocess: offline, no terminal size or forced colour (so its output is what
+    CI logs and ``make`` see), and this interpreter's ``bin`` first on PATH (the Flower tools live there)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "FORCE_COLOR")}
+    env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def cli_argv(*args: str | Path, python: tuple[str, ...] = ("-m", "fedlora.cli")) -> list[str]:
+    return [sys.executable, *python, *map(str, args)]
+
+
+def run_cli(*args: str | Path, cwd: Path | None = None, timeout: float = 900,
+            python: tuple[str, ...] = ("-m", "fedlora.cli")) -> subprocess.CompletedProcess:
+    """``python -m fedlora.cli ARGS`` run to its end, stdout and stderr piped (not a terminal)."""
+    return subprocess.run(cli_argv(*args, python=python), cwd=cwd, env=cli_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def start_cli(*args: str | Path, cwd: Path | None = None) -> subprocess.Popen:
+    """``python -m fedlora.cli ARGS`` started in the background, stdout and stderr piped."""
+    return subprocess.Popen(cli_argv(*args), cwd=cwd, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)

@@ -11,31 +11,17 @@ The cases copy and damage one finished tiny run built once per module (2 rounds,
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
-from engine_fixtures import make_sentiment_tsv, make_tiny_bert, tiny_overrides
+from engine_fixtures import make_sentiment_tsv, make_tiny_bert, run_cli, tiny_overrides
 
 pytestmark = pytest.mark.slow
-
-OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-
-
-def cli(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
-    """``python -m fedlora.cli ARGS`` with stdout and stderr piped (not a terminal), offline."""
-    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "FORCE_COLOR")} | OFFLINE
-    return subprocess.run([sys.executable, "-m", "fedlora.cli", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
-
 
 @dataclass(frozen=True)
 class World:
@@ -58,7 +44,7 @@ def world(tmp_path_factory) -> World:
     root = tmp_path_factory.mktemp("cli-errors")
     w = World(make_tiny_bert(root / "tiny-bert"), make_sentiment_tsv(root / "train.tsv", rows=120),
               root / "run1", root / "run2")
-    proc = cli("run", *w.tiny(w.run2), cwd=root)
+    proc = run_cli("run", *w.tiny(w.run2), cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for r in (1, 2):
         assert (_round(w.run2, r) / "correction.safetensors").is_file(), f"no correction in round {r}"
@@ -262,7 +248,7 @@ CASES = {
 def test_user_error_is_one_line_exit_2(world, tmp_path, name):
     case = CASES[name]
     prepared = case.prepare(world, tmp_path)
-    proc = cli(*prepared.argv, cwd=tmp_path)
+    proc = run_cli(*prepared.argv, cwd=tmp_path)
     shown = f"exit {proc.returncode}\n--- stderr\n{proc.stderr[-4000:]}\n--- stdout\n{proc.stdout[-1000:]}"
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, shown
     assert proc.returncode == 2, shown
@@ -284,7 +270,7 @@ def test_long_message_case_is_over_100_characters():
 
 def test_verify_intact_run_lists_every_round(world, tmp_path):
     run = _copy(world.run2, tmp_path)
-    proc = cli("verify", run, cwd=tmp_path)
+    proc = run_cli("verify", run, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for r in (1, 2):  # a table row per round ("1 | intact" or "round_0001 ... intact")
         names = {str(r), f"round_{r:04d}"}
@@ -294,7 +280,7 @@ def test_verify_intact_run_lists_every_round(world, tmp_path):
 
 def test_export_with_rank(world, tmp_path):
     run = _copy(world.run2, tmp_path)
-    proc = cli("export", run, "--rank", "2", "--out", tmp_path / "adapter", cwd=tmp_path)
+    proc = run_cli("export", run, "--rank", "2", "--out", tmp_path / "adapter", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())

@@ -59,7 +59,8 @@ def test_no_noise_no_clip_is_fra_fold_of_the_uniform_mean_exactly():
     out = release(dp, start, head, trained, noise_seed=7)
     fra = get_aggregator("fra", fold_tail=True).aggregate(
         {m: ModuleState(f) for m, f in start.items()},
-        [ClientUpdate(cid, factors, num_examples=10 + i, weight=1.0) for i, (cid, (factors, _)) in enumerate(trained.items())],
+        [ClientUpdate(cid, factors, num_examples=10 + i, weight=1.0)
+         for i, (cid, (factors, _)) in enumerate(trained.items())],
         0)
     for m in start:
         reference = sum(_dense(factors[m]) for factors, _ in trained.values()) / len(trained)  # dense float64

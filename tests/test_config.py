@@ -37,7 +37,8 @@ def test_every_field_is_described(where, model):
 
 def test_sections_are_all_walked():
     assert {name for name, _ in sections()} == {
-        "RunConfig", "model.", "lora.", "data.", "partition.", "federation.", "devices.", "train.", "eval.", "privacy.", "flower.",
+        "RunConfig", "model.", "lora.", "data.", "partition.", "federation.", "devices.", "train.", "eval.", "privacy.",
+        "flower.",
     }
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_fixtures import tiny_overrides
+from engine_fixtures import run_cli, tiny_overrides
 from fedlora import checkpoint
 from fedlora.config import ConfigError, load_config
 
@@ -191,7 +191,7 @@ def test_missing_data_file_and_wrong_column(assets, tmp_path):
 def test_cli_reports_bad_config_in_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("federation:\n  rounds: -1\n")
-    proc = subprocess.run([sys.executable, "-m", "fedlora.cli", "run", str(bad)], capture_output=True, text=True)
+    proc = run_cli("run", bad)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "federation.rounds" in lines[0], proc.stderr
@@ -234,7 +234,8 @@ def test_cli_compare_and_export_on_the_same_partition(assets, tmp_path):
     assert "fedit" in table and "fedex" in table
     for png in ("compare_metric.png", "compare_agg_error.png", "compare_bytes.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    runs = {m: [json.loads(x) for x in (out / m / "metrics.jsonl").read_text().splitlines()] for m in ("fedit", "fedex")}
+    runs = {m: [json.loads(x) for x in (out / m / "metrics.jsonl").read_text().splitlines()]
+            for m in ("fedit", "fedex")}
     # same seed and partition: the same clients are sampled, FedIT is inexact, FedEx exact
     assert [r["clients"] for r in runs["fedit"]] == [r["clients"] for r in runs["fedex"]]
     assert all(r["agg_error"] > 1e-3 for r in runs["fedit"])

@@ -8,13 +8,10 @@ checked against PyTorch's counter in test_flops.py), an uninterrupted run (resum
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from engine_fixtures import tiny_overrides
+from engine_fixtures import run_cli, tiny_overrides
 from fedlora.config import load_config
 
 TIMING_KEYS = {"round_time_s", "wall_time_s"}
@@ -40,7 +37,8 @@ def test_a_round_lasts_as_long_as_its_slowest_client_by_the_time_model(assets, t
     for cid in record["clients"]:
         p = clock.profiles[cid]
         step = cost.step(8, clock.seq_lens[cid], cost.num_blocks).total
-        t = 3 * step / p.speed + record["bytes_down_per_client"][cid] / p.down + record["bytes_up_per_client"][cid] / p.up
+        t = (3 * step / p.speed + record["bytes_down_per_client"][cid] / p.down
+             + record["bytes_up_per_client"][cid] / p.up)
         want = max(want, t)
     assert record["sim_round_s"] == pytest.approx(want, rel=1e-12)
     assert any(clock.profiles[c].name == "slow" for c in record["clients"])
@@ -90,12 +88,11 @@ def test_compare_with_heterogeneous_ranks_plots_metric_error_and_rank_energy(ass
     out = tmp_path / "cmp"
     overrides = [o for o in tiny_overrides(model_dir, data_file, tmp_path / "x", "hexa", 2)
                  if not o.startswith(("federation.method=", "output_dir="))]
-    cmd = [sys.executable, "-m", "fedlora.cli", "compare",
+    cmd = ["compare",
            "--methods", "flora,flexlora,hetlora:prune_threshold=0.05:rank_penalty=0.001:penalty_ranks=1,hexa,"
            "hierfedlora:groups=2:taus=[2]",
            "--out", str(out), *overrides, "lora.client_ranks=[1, 2, 4]", *TWO_CLASSES]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    proc = run_cli(*cmd)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for name in ("compare_metric.png", "compare_agg_error.png", "compare_rank_energy.png",
                  "compare_metric_vs_time.png", "compare_metric_vs_bytes.png"):

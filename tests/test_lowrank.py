@@ -418,7 +418,8 @@ def test_dense_and_factored_paths_agree_with_a_dense_float64_reference(monkeypat
     """Whichever path :func:`lowrank.prefers_dense` picks, svd, truncate and the norm match numpy-free dense
     float64 results (the path is forced both ways)."""
     g = torch.Generator().manual_seed(k)
-    x = LowRank(torch.randn(70, k, generator=g, dtype=torch.float64), torch.randn(k, 50, generator=g, dtype=torch.float64))
+    x = LowRank(torch.randn(70, k, generator=g, dtype=torch.float64),
+                torch.randn(k, 50, generator=g, dtype=torch.float64))
     dense = x.left @ x.right
     ref_s = torch.linalg.svdvals(dense)
     for fraction in (0.0, math.inf):  # 0: always dense; inf: always factored

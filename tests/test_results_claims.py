@@ -34,7 +34,8 @@ def _sweep(folder: Path) -> None:
                 curve = [0.6, 0.75, final] if method.startswith("fra") else [0.5, 0.6, final]
                 if method == "hierfedlora":
                     curve = [final, final, final]
-                records = [{"round": i + 1, "metric_name": "accuracy", "metric": v + jitter, "sim_time_s": 10.0 * (i + 1),
+                records = [{"round": i + 1, "metric_name": "accuracy", "metric": v + jitter,
+                            "sim_time_s": 10.0 * (i + 1),
                             "agg_error": ERROR[part] if method == "fedit" else 1e-7}
                            for i, v in enumerate(curve)]
                 (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))

@@ -51,7 +51,8 @@ def test_a_hetlora_client_prunes_tiny_ranks_and_trains_the_smaller_rank_next_rou
     for m, s in sim.strategy.global_state.items():  # ranks 3 and 4 carry ~1e-4 of the update
         f = s.factors
         B = torch.randn(f.B.shape, generator=gen) * torch.tensor([1.0, 1.0, 1e-4, 1e-4])
-        sim.strategy.global_state[m] = ModuleState(LoRAFactors(B, torch.randn(f.A.shape, generator=gen), f.scale), s.layout)
+        sim.strategy.global_state[m] = ModuleState(LoRAFactors(B, torch.randn(f.A.shape, generator=gen), f.scale),
+                                                   s.layout)
     first = sim.run_round(0)
     assert set(first["client_ranks"].values()) == {4}
     clients = first["clients"]

@@ -15,12 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine_fixtures import tiny_overrides
+from engine_fixtures import run_cli, start_cli, tiny_overrides
 from fedlora.sweep import claim, load_sweep, parse_method, plan_cells
-
-OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-
 
 def _sweep_file(tmp_path: Path, assets, out: Path, **extra) -> Path:
     model, tsv = assets
@@ -90,16 +86,10 @@ def test_validation_fraction_is_held_out_of_training(assets, tmp_path):
     train, held = load_dataset_for(cfg.data, seed=0)
     whole, _ = load_dataset_for(load_config(None, tiny_overrides(model, tsv, tmp_path / "w")).data, seed=0)
     assert len(held) == round(0.25 * (len(train) + len(held)))
-    assert sorted(train.texts + held.texts) == sorted(whole.texts + _.texts) or len(train) + len(held) <= len(whole) + len(_)
-    assert not set(zip(train.texts, train.labels)) & set(zip(held.texts, held.labels)) or len(set(train.texts)) < len(train)
-
-
-def _cli(*args, cwd: Path, wait: bool = True, python: tuple[str, ...] = ("-m", "fedlora.cli")):
-    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "FORCE_COLOR")} | OFFLINE
-    argv = [sys.executable, *python, *map(str, args)]
-    if wait:
-        return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    return subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert (sorted(train.texts + held.texts) == sorted(whole.texts + _.texts)
+            or len(train) + len(held) <= len(whole) + len(_))
+    assert (not set(zip(train.texts, train.labels)) & set(zip(held.texts, held.labels))
+            or len(set(train.texts)) < len(train))
 
 
 def _numbers(out: Path) -> dict[str, list]:
@@ -114,7 +104,7 @@ def whole(assets, tmp_path_factory) -> Path:
     """The tiny sweep, uninterrupted, one process: the numbers the others must reproduce."""
     tmp_path = tmp_path_factory.mktemp("whole")
     whole = tmp_path / "whole"
-    done = _cli("sweep", _sweep_file(tmp_path, assets, whole), cwd=tmp_path)
+    done = run_cli("sweep", _sweep_file(tmp_path, assets, whole), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (whole / "report.md").exists()
     manifest = json.loads((whole / "sweep.json").read_text())
@@ -126,8 +116,8 @@ def test_a_killed_sweep_finishes_only_the_missing_cells_with_the_same_numbers(as
 
     cut = tmp_path / "cut"
     spec = _sweep_file(tmp_path, assets, cut)
-    proc = _cli("sweep", spec, cwd=tmp_path, wait=False)
-    first, second = cut / "cells" / "centralized__s0", cut / "cells" / "fedex__iid__s0"
+    proc = start_cli("sweep", spec, cwd=tmp_path)
+    second = cut / "cells" / "fedex__iid__s0"
     deadline = time.monotonic() + 600
     while not ((second / "metrics.jsonl").exists() and (second / "metrics.jsonl").read_text().count("\n") >= 1):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
@@ -140,7 +130,7 @@ def test_a_killed_sweep_finishes_only_the_missing_cells_with_the_same_numbers(as
                       and (cut / d / "metrics.jsonl").read_text().count("\n") == 2)  # both rounds recorded
     assert "cells/centralized__s0" in finished and len(finished) < 10
     before = {d: (cut / d / "metrics.jsonl").stat().st_mtime_ns for d in finished}
-    again = _cli("sweep", spec, cwd=tmp_path)
+    again = run_cli("sweep", spec, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"10 runs ({len(finished)} done, {10 - len(finished)} to run)" in again.stderr.replace("\n", " ")
     assert {d: (cut / d / "metrics.jsonl").stat().st_mtime_ns for d in finished} == before  # not run again
@@ -170,7 +160,7 @@ def test_a_claim_is_held_until_its_process_ends_even_when_killed(tmp_path):
 
 def test_two_workers_run_every_cell_once_with_the_numbers_of_one_process(assets, tmp_path, whole):
     pair = tmp_path / "pair"
-    done = _cli("sweep", _sweep_file(tmp_path, assets, pair), "--workers", "2", cwd=tmp_path)
+    done = run_cli("sweep", _sweep_file(tmp_path, assets, pair), "--workers", "2", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (pair / "report.md").exists() and (pair / "workers" / "worker-1.log").exists()
     manifest = json.loads((pair / "sweep.json").read_text())
@@ -192,12 +182,12 @@ def test_a_cell_another_process_holds_is_left_to_it_and_taken_up_once_free(asset
     spec = _sweep_file(tmp_path, assets, out, methods=["fedex"], partitions={"iid": ["partition.scheme=iid"]})
     with claim(out, "fedex__iid__s1") as held:  # as a worker running that cell would
         assert held
-        first = _cli("sweep", spec, cwd=tmp_path)
+        first = run_cli("sweep", spec, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "1 runs are held by other processes" in first.stderr.replace("\n", " ")
     assert not (out / "report.md").exists() and not (out / "cells" / "fedex__iid__s1").exists()
     assert (out / "cells" / "fedex__iid__s0" / "metrics.jsonl").read_text().count("\n") == 2
-    again = _cli("sweep", spec, cwd=tmp_path)  # the holder is gone: the cell is free
+    again = run_cli("sweep", spec, cwd=tmp_path)  # the holder is gone: the cell is free
     assert again.returncode == 0, again.stderr[-2000:]
     assert "2 runs (1 done, 1 to run)" in again.stderr.replace("\n", " ")
     assert (out / "cells" / "fedex__iid__s1" / "metrics.jsonl").read_text().count("\n") == 2
@@ -208,7 +198,7 @@ def test_workers_without_file_locks_is_one_line(assets, tmp_path):
     spec = _sweep_file(tmp_path, assets, tmp_path / "nolock", methods=["fedex"], seeds=[0])
     # the real CLI on a system without fcntl: `import fcntl` fails
     code = "import sys; sys.modules['fcntl'] = None; from fedlora.cli import main; sys.argv[0] = 'fedlora'; main()"
-    result = _cli("sweep", spec, "--workers", "2", cwd=tmp_path, python=("-c", code))
+    result = run_cli("sweep", spec, "--workers", "2", cwd=tmp_path, python=("-c", code))
     assert result.returncode == 2, result.stderr[-2000:]
     assert "--workers needs file locks (fcntl)" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "nolock" / "cells").exists()  # nothing trained

@@ -310,7 +310,8 @@ def export(
     run_dir: Annotated[str, typer.Argument(help="a run folder (with checkpoints/)")],
     out: Annotated[str, typer.Option(help="output folder")] = "",
     merged: Annotated[bool, typer.Option(help="write a merged full model instead of an adapter")] = False,
-    rank: Annotated[int | None, typer.Option(help="compact adapter: the best rank-R approximation of the update")] = None,
+    rank: Annotated[int | None, typer.Option(
+        help="compact adapter: the best rank-R approximation of the update")] = None,
 ) -> None:
     """Export the newest intact checkpoint as a stock PEFT adapter (exact, or best rank R with --rank)."""
     from .export import export_run

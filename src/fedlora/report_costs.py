@@ -105,7 +105,8 @@ def plot_costs(runs: Mapping[str, Sequence[Mapping[str, Any]]], out_dir: str | o
         ax.grid(True, alpha=0.3)
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
         paths.append(_save(fig, out / fname))
-    energy = {m: [(int(r["round"]), float(r["rank_energy"])) for r in _by_round(recs) if _is_number(r.get("rank_energy"))]
+    energy = {m: [(int(r["round"]), float(r["rank_energy"])) for r in _by_round(recs)
+                  if _is_number(r.get("rank_energy"))]
               for m, recs in runs.items()}
     if any(energy.values()):
         fig, ax = _new_figure()

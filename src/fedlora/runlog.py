@@ -17,6 +17,7 @@ import json
 import numbers
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 

@@ -15,7 +15,9 @@ A sweep file (YAML)::
 
 A method item is ``name``, ``name:key=value:...`` (method options), ``label=name:key=value`` (a named
 variant), or a mapping ``{label: fedit_lr, method: "fedit", overrides: [train.lr=0.002]}`` whose overrides
-apply to that method's cells only (a learning rate chosen per method). ``centralized`` is the ceiling every table needs: one client holding all the training data
+apply to that method's cells only (a learning rate chosen per method).
+
+``centralized`` is the ceiling every table needs: one client holding all the training data
 (``partition.num_clients=1``) that takes ``clients_per_round x local_steps`` steps a round, so it sees as
 many examples per round as the federation does; it does not depend on the partition, so it runs once per
 seed (and rank and rate) and every partition's cell points at that run.

@@ -13,13 +13,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from test_flower_engine import _assert_processes_gone, _assert_same_records, _env, _records
+from engine_fixtures import start_cli
+from test_flower_engine import _assert_processes_gone, _assert_same_records, _records
 
 psutil = pytest.importorskip("psutil")
 pytestmark = [pytest.mark.deploy]
@@ -44,8 +44,7 @@ def _in_process(assets, out: Path) -> list[dict]:
 
 
 def _deploy(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "fedlora.cli", "deploy", *args], env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_cli("deploy", *args)
 
 
 def _wait_for_round(proc: subprocess.Popen, run_dir: Path, number: int, timeout: float = 300) -> dict:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from engine_fixtures import tiny_overrides
+from engine_fixtures import run_cli, start_cli, tiny_overrides
 
 psutil = pytest.importorskip("psutil")
 pytestmark = [pytest.mark.flower]
@@ -34,17 +34,6 @@ def _overrides(assets, out: Path, method: str) -> list[str]:
     model, tsv = assets
     return [*tiny_overrides(model, tsv, out, method, ROUNDS),
             f"partition.num_clients={CLIENTS}", f"federation.clients_per_round={PER_ROUND}"]
-
-
-def _env() -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
-def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedlora.cli", *args], env=_env(), capture_output=True, text=True,
-                          timeout=400, **kwargs)
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -89,7 +78,7 @@ def test_flower_simulation_matches_the_in_process_engine(assets, tmp_path, metho
                for i in range(len(seen) - 2) for c in seen[i]), "the schedule has no client that catches up"
 
     run_dir = tmp_path / "flower"
-    done = _cli("run", *_overrides(assets, run_dir, method), "--engine", "flower")
+    done = run_cli("run", *_overrides(assets, run_dir, method), "--engine", "flower", timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     _assert_same_records(_records(run_dir), reference)
     assert (run_dir / "checkpoints").is_dir() and (run_dir / "metric.png").exists()
@@ -114,9 +103,7 @@ def _kill_server_after_round(proc: subprocess.Popen, run_dir: Path, round_number
 def test_flower_run_resumes_after_the_server_process_is_killed(assets, tmp_path):
     reference = _in_process(assets, tmp_path / "inprocess", "hexa")
     run_dir = tmp_path / "flower"
-    proc = subprocess.Popen([sys.executable, "-m", "fedlora.cli", "run", *_overrides(assets, run_dir, "hexa"),
-                             "--engine", "flower"], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = start_cli("run", *_overrides(assets, run_dir, "hexa"), "--engine", "flower")
     try:
         _kill_server_after_round(proc, run_dir, 2)
         _, err = proc.communicate(timeout=120)
@@ -130,7 +117,7 @@ def test_flower_run_resumes_after_the_server_process_is_killed(assets, tmp_path)
     assert len(_records(run_dir)) < ROUNDS
 
     kept = len(_records(run_dir))
-    done = _cli("run", "--resume", str(run_dir), "--engine", "flower")
+    done = run_cli("run", "--resume", str(run_dir), "--engine", "flower", timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     _assert_same_records(_records(run_dir), reference, same_bytes_through=kept)
     _assert_processes_gone(run_dir)

@@ -30,7 +30,6 @@ from fedlora.flower import (  # noqa: E402
     task_to_content,
 )
 from fedlora.protocol import (  # noqa: E402
-    ClientReply,
     ClientTask,
     MessageError,
     TrainSettings,
@@ -39,12 +38,12 @@ from fedlora.protocol import (  # noqa: E402
     reply_tensor_bytes,
     task_tensor_bytes,
 )
-from fedlora.types import LoRAFactors, LowRank  # noqa: E402
+from fedlora.types import LoRAFactors  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
-from flower_builders import CLIENT_IDS, SHAPES, make_reply, make_task, rand  # noqa: E402
-from message_builders import assert_one_line_error, assert_same, float_bits, raw_bytes  # noqa: E402
+from flower_builders import CLIENT_IDS, SHAPES, make_reply, make_task  # noqa: E402
+from message_builders import assert_one_line_error, assert_same  # noqa: E402
 
 
 # ---------------------------------------------------------------- helpers

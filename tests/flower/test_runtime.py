@@ -42,12 +42,11 @@ from fedlora.flower.runtime import (  # noqa: E402
 from fedlora.protocol import (  # noqa: E402
     ClientReply,
     ClientTask,
-    TrainSettings,
     reply_tensor_bytes,
     task_tensor_bytes,
 )
-from fedlora.types import LoRAFactors, LowRank  # noqa: E402
-from message_builders import assert_same, raw_bytes  # noqa: E402
+from fedlora.types import LoRAFactors  # noqa: E402
+from message_builders import assert_same  # noqa: E402
 from flower_builders import make_task as records_task  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread", "serverapp_process")

@@ -53,7 +53,8 @@ def test_node_keys_are_p384_openssh_as_flower_loads_them(tmp_path):
 
 
 def test_processes_stop_their_whole_tree_even_an_orphaned_grandchild(tmp_path):
-    script = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); time.sleep(120)"
+    script = ("import subprocess, sys, time; "
+              "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); time.sleep(120)")
     with dp.Processes() as procs:
         parent = procs.start("parent", [sys.executable, "-c", script], tmp_path / "p.log", dp.flower_env())
         deadline = time.monotonic() + 20

@@ -32,7 +32,7 @@ from fedlora.protocol import (
     task_tensor_bytes,
 )
 from fedlora.types import LoRAFactors, LowRank
-from message_builders import assert_one_line_error, assert_same, float_bits, raw_bytes
+from message_builders import assert_one_line_error, assert_same
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

@@ -87,20 +87,14 @@ def test_a_run_trains_each_round_at_its_scheduled_rate(assets, tmp_path, monkeyp
 
 def test_a_scheduled_run_cannot_be_extended_and_says_so_in_one_line(assets, tmp_path):
     """The rates of its finished rounds were set by its own number of rounds; the CLI exits 2, no traceback."""
-    import os
-    import subprocess
-    import sys
-
-    from engine_fixtures import tiny_overrides
+    from engine_fixtures import run_cli, tiny_overrides
     from fedlora.config import load_config
     from fedlora.sim.engine import Simulation
 
     model_dir, data = assets
     Simulation(load_config(None, [*tiny_overrides(model_dir, data, tmp_path, "fedit", 2),
                                   "train.lr_schedule=cosine"])).run()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([sys.executable, "-m", "fedlora.cli", "run", "--resume", str(tmp_path),
-                           "federation.rounds=4"], env=env, capture_output=True, text=True, timeout=600)
+    done = run_cli("run", "--resume", tmp_path, "federation.rounds=4")
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "train.lr_schedule=cosine" in lines[0] and "cannot be extended" in lines[0]

@@ -35,7 +35,8 @@ def validate_update(global_state: GlobalState, update: ClientUpdate) -> ClientUp
     Raises :class:`AggregationInputError` (a ``ValueError``) naming the client and module.
     """
     cid = update.client_id
-    field_name, value = ("weight", update.weight) if update.weight is not None else ("num_examples", update.num_examples)
+    field_name, value = (("weight", update.weight) if update.weight is not None
+                         else ("num_examples", update.num_examples))
     if not _is_real(value) or not math.isfinite(value) or value < 0:
         raise AggregationInputError(f"{field_name} must be a finite number >= 0, got {value!r}", client_id=cid)
     missing = sorted(set(global_state) - set(update.factors))

@@ -159,7 +159,8 @@ def _submit_and_wait(run_dir: Path, home: Path, procs: dp.Processes, resume: boo
                 return
             raise FlowerRunError(f"the Flower server failed: {status.get('error')}")
         if not procs.alive("superlink"):
-            raise FlowerRunError(f"the SuperLink stopped before the run completed (log: {run_dir}/flower/superlink.log)")
+            raise FlowerRunError("the SuperLink stopped before the run completed "
+                                 f"(log: {run_dir}/flower/superlink.log)")
         # The ServerApp's process (Flower's simulation, or flwr-serverapp): gone without an outcome = died.
         running = any(procs.descendants_running(m) for m in _SERVER_PROCESSES)
         server_seen = server_seen or running

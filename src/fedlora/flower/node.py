@@ -71,7 +71,8 @@ class ClientNode:
         self.data = ClientData(d.train, d.train_indices[self.client_id], d.histograms[self.client_id])
         self.host = ModelHost(copy.deepcopy(shared.model), cfg.lora, cfg.model.task_type, [])
         # Only the LoRA-targeted weights ever change (folded corrections): keep their base values.
-        self._base = {m: w.detach().clone() for m, w in adapters.base_weights(self.host.layers, self.host.layers).items()}
+        self._base = {m: w.detach().clone()
+                      for m, w in adapters.base_weights(self.host.layers, self.host.layers).items()}
         self.frozen: dict[str, LowRank] = {}  # everything folded since the base, as one product per module
 
     @property

@@ -8,6 +8,7 @@ from .bounds import UpdateBound, bound_updates, clip_update, towards_head, updat
 from .client_level import ClientDP, Release, release
 
 __all__ = [
-    "ACCOUNTANTS", "ClientDP", "Release", "UpdateBound", "bound_updates", "check_delta", "clip_update", "default_delta", "epsilon_spent",
+    "ACCOUNTANTS", "ClientDP", "Release", "UpdateBound", "bound_updates", "check_delta", "clip_update", "default_delta",
+    "epsilon_spent",
     "noise_multiplier", "release", "towards_head", "update_norm",
 ]

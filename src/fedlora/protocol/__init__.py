@@ -5,6 +5,7 @@ Imports only :mod:`fedlora.types`, :mod:`fedlora.lowrank`, :mod:`fedlora.aggrega
 safetensors (``tests/protocol/test_imports.py`` checks it): no models, data, engines or CLI.
 """
 
+from .container import message_sizes
 from .history import CorrectionHistory
 from .messages import (
     REPLY_FORMAT,
@@ -17,7 +18,6 @@ from .messages import (
     decode_task,
     encode_reply,
     encode_task,
-    message_sizes,
     reply_tensor_bytes,
     task_tensor_bytes,
 )

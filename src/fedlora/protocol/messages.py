@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..types import LoRAFactors, LowRank
-from .container import MessageError, _is_int, _is_real, _jsonable, _nbytes, _need, _pack, _Reader, message_sizes
+from .container import MessageError, _is_int, _is_real, _jsonable, _nbytes, _need, _pack, _Reader
 
 TASK_FORMAT = "fedlora.task/1"
 REPLY_FORMAT = "fedlora.reply/1"

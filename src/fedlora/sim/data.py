@@ -80,8 +80,8 @@ class FederatedData:
 def load_dataset_for(data: DataConfig, seed: int, task_type: str = "seq_cls"):
     """Train and dev splits for the configured source (task name, ``hub:owner/name`` or a file).
 
-    A single local file without ``data.dev`` gives up a seeded 10% as the dev split. With
-    ``data.validation_fraction`` a seeded fraction of train is held out and evaluated on instead of dev. For ``causal_lm`` the
+    A single local file without ``data.dev`` gives up a seeded 10% as the dev split. With ``data.validation_fraction``
+    a seeded fraction of train is held out and evaluated on instead of dev. For ``causal_lm`` the
     source is instruction data (:func:`~fedlora.data.load_instructions`); its prompt and response columns
     are ``data.text_column`` and ``data.text_pair_column`` (default ``prompt`` and ``response``).
     """
@@ -123,7 +123,8 @@ def build_federated_data(cfg: RunConfig, run_dir: Path) -> FederatedData:
     part = cfg.partition
     if causal and part.scheme not in LABEL_FREE_SCHEMES and not cfg.data.label_column:  # before reading data
         raise ValueError(f"partition.scheme: {part.scheme!r} needs class labels; model.task_type=causal_lm "
-                         f"data has none (use {' or '.join(LABEL_FREE_SCHEMES)}, or name a kind column in data.label_column)")
+                         f"data has none (use {' or '.join(LABEL_FREE_SCHEMES)}, or name a kind column in "
+                         "data.label_column)")
     train_set, dev_set = load_dataset_for(cfg.data, cfg.seed, cfg.model.task_type)
     labels = np.asarray(train_set.labels)
     if train_set.is_regression:

@@ -144,7 +144,8 @@ def client_dp(cfg, ranks: dict[str, int] | None = None):
         raise ValueError(f"{key}: client-level DP releases a noisy mean that only fra with fold_tail=true (and no "
                          f"ffa_after) turns into the next adapter; {fed.method} would send un-noised client factors")
     if ranks is not None and len(set(ranks.values())) > 1:
-        raise ValueError(f"{key}: client-level DP needs one LoRA rank for every client, got {sorted(set(ranks.values()))}")
+        raise ValueError(f"{key}: client-level DP needs one LoRA rank for every client, "
+                         f"got {sorted(set(ranks.values()))}")
     n = cfg.partition.num_clients
     delta = check_delta(p.client_delta, n) if p.client_delta is not None else default_delta(n)
     q = fed.clients_per_round / n

@@ -268,7 +268,8 @@ class Simulation:
             record["epsilon"] = self.ledger.charge(clients)
             record["epsilon_max"], record["dp_delta"] = max(record["epsilon"].values(), default=0.0), self.ledger.delta
         if self.client_dp is not None:
-            record["client_epsilon"], record["client_delta"] = self.client_dp.epsilon(round_idx + 1), self.client_dp.delta
+            record["client_epsilon"], record["client_delta"] = (self.client_dp.epsilon(round_idx + 1),
+                                                                self.client_dp.delta)
         record.update(self.evaluate(result.clients, round_idx + 1))
         record["round_time_s"] = time.perf_counter() - t0
         return record
@@ -350,7 +351,8 @@ class Simulation:
         emit("start", total=last, done=self.next_round, clients_per_round=cfg.federation.clients_per_round)
         with MetricsWriter(self.run_dir) as writer:
             for round_idx in range(self.next_round, last):
-                record = self.run_round(round_idx, on_client=lambda cid, r=round_idx: emit("client", round=r + 1, client=cid))
+                record = self.run_round(round_idx,
+                                        on_client=lambda cid, r=round_idx: emit("client", round=r + 1, client=cid))
                 record["wall_time_s"] = time.perf_counter() - t_start
                 record["sim_time_s"] = record["sim_round_s"] + (self.records[-1]["sim_time_s"] if self.records else 0.0)
                 self._log_events(round_idx)
