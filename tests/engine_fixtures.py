@@ -82,7 +82,7 @@ def cli_argv(*args: str | Path, python: tuple[str, ...] = ("-m", "fedlora.cli"))
     return [sys.executable, *python, *map(str, args)]
 
 
-def run_cli(*args: str | Path, cwd: Path | None = None, timeout: float = 900,
+def run_cli(*args: str | Path, cwd: Path | None = None, timeout: float = 600,
             python: tuple[str, ...] = ("-m", "fedlora.cli")) -> subprocess.CompletedProcess:
     """``python -m fedlora.cli ARGS`` run to its end, stdout and stderr piped (not a terminal)."""
     return subprocess.run(cli_argv(*args, python=python), cwd=cwd, env=cli_env(), capture_output=True, text=True,

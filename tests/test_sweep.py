@@ -18,6 +18,7 @@ import yaml
 from engine_fixtures import run_cli, start_cli, tiny_overrides
 from fedlora.sweep import claim, load_sweep, parse_method, plan_cells
 
+
 def _sweep_file(tmp_path: Path, assets, out: Path, **extra) -> Path:
     model, tsv = assets
     base = [o for o in tiny_overrides(model, tsv, out / "unused", "fedex", 2) if not o.startswith("output_dir")]
@@ -104,7 +105,7 @@ def whole(assets, tmp_path_factory) -> Path:
     """The tiny sweep, uninterrupted, one process: the numbers the others must reproduce."""
     tmp_path = tmp_path_factory.mktemp("whole")
     whole = tmp_path / "whole"
-    done = run_cli("sweep", _sweep_file(tmp_path, assets, whole), cwd=tmp_path)
+    done = run_cli("sweep", _sweep_file(tmp_path, assets, whole), cwd=tmp_path, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (whole / "report.md").exists()
     manifest = json.loads((whole / "sweep.json").read_text())
@@ -130,7 +131,7 @@ def test_a_killed_sweep_finishes_only_the_missing_cells_with_the_same_numbers(as
                       and (cut / d / "metrics.jsonl").read_text().count("\n") == 2)  # both rounds recorded
     assert "cells/centralized__s0" in finished and len(finished) < 10
     before = {d: (cut / d / "metrics.jsonl").stat().st_mtime_ns for d in finished}
-    again = run_cli("sweep", spec, cwd=tmp_path)
+    again = run_cli("sweep", spec, cwd=tmp_path, timeout=900)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"10 runs ({len(finished)} done, {10 - len(finished)} to run)" in again.stderr.replace("\n", " ")
     assert {d: (cut / d / "metrics.jsonl").stat().st_mtime_ns for d in finished} == before  # not run again
@@ -160,7 +161,7 @@ def test_a_claim_is_held_until_its_process_ends_even_when_killed(tmp_path):
 
 def test_two_workers_run_every_cell_once_with_the_numbers_of_one_process(assets, tmp_path, whole):
     pair = tmp_path / "pair"
-    done = run_cli("sweep", _sweep_file(tmp_path, assets, pair), "--workers", "2", cwd=tmp_path)
+    done = run_cli("sweep", _sweep_file(tmp_path, assets, pair), "--workers", "2", cwd=tmp_path, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (pair / "report.md").exists() and (pair / "workers" / "worker-1.log").exists()
     manifest = json.loads((pair / "sweep.json").read_text())
@@ -182,12 +183,12 @@ def test_a_cell_another_process_holds_is_left_to_it_and_taken_up_once_free(asset
     spec = _sweep_file(tmp_path, assets, out, methods=["fedex"], partitions={"iid": ["partition.scheme=iid"]})
     with claim(out, "fedex__iid__s1") as held:  # as a worker running that cell would
         assert held
-        first = run_cli("sweep", spec, cwd=tmp_path)
+        first = run_cli("sweep", spec, cwd=tmp_path, timeout=900)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "1 runs are held by other processes" in first.stderr.replace("\n", " ")
     assert not (out / "report.md").exists() and not (out / "cells" / "fedex__iid__s1").exists()
     assert (out / "cells" / "fedex__iid__s0" / "metrics.jsonl").read_text().count("\n") == 2
-    again = run_cli("sweep", spec, cwd=tmp_path)  # the holder is gone: the cell is free
+    again = run_cli("sweep", spec, cwd=tmp_path, timeout=900)  # the holder is gone: the cell is free
     assert again.returncode == 0, again.stderr[-2000:]
     assert "2 runs (1 done, 1 to run)" in again.stderr.replace("\n", " ")
     assert (out / "cells" / "fedex__iid__s1" / "metrics.jsonl").read_text().count("\n") == 2
@@ -198,7 +199,7 @@ def test_workers_without_file_locks_is_one_line(assets, tmp_path):
     spec = _sweep_file(tmp_path, assets, tmp_path / "nolock", methods=["fedex"], seeds=[0])
     # the real CLI on a system without fcntl: `import fcntl` fails
     code = "import sys; sys.modules['fcntl'] = None; from fedlora.cli import main; sys.argv[0] = 'fedlora'; main()"
-    result = run_cli("sweep", spec, "--workers", "2", cwd=tmp_path, python=("-c", code))
+    result = run_cli("sweep", spec, "--workers", "2", cwd=tmp_path, python=("-c", code), timeout=900)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "--workers needs file locks (fcntl)" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "nolock" / "cells").exists()  # nothing trained
