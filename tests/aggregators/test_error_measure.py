@@ -1,5 +1,5 @@
 """``error_measure="core"``: the aggregation error from the small core and the moves' Gram, checked against
-the dense float64 reference of ``test_methods`` (ideal, applied and start formed as matrices).
+the dense float64 reference of ``dense_reference`` (ideal, applied and start formed as matrices).
 
 The modules here are large enough next to ``K r`` for the factored path (``lowrank.prefers_dense`` false),
 so the core is really used; float64 must agree with dense as the exact measure does, float32 within its
@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from test_methods import F64, Spec, applied, build, client_full, d64, dense_errors, hexa_cosine_weights, ideal, start
+from dense_reference import F64, Spec, applied, build, client_full, d64, dense_errors, hexa_cosine_weights, ideal, start
 
 from fedlora import ClientUpdate, LoRAFactors, ModuleState, get_aggregator, lowrank
 from fedlora.aggregators.accounting import move_gram
