@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from engine_fixtures import run_cli, start_cli, tiny_overrides
+from fedlora.cli_results import time_left
 from fedlora.sweep import claim, load_sweep, parse_method, plan_cells
 
 
@@ -29,6 +30,18 @@ def _sweep_file(tmp_path: Path, assets, out: Path, **extra) -> Path:
     path = tmp_path / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
+
+
+@pytest.mark.parametrize(("elapsed", "finished", "remaining", "said"), [
+    (600, 2, 58, "about 4h 50m left"),  # 300 s a run, 58 runs: 17,400 s
+    (600, 3, 2, "about 7m left"),  # 200 s a run, 2 runs: 6 min 40 s, to the nearest minute
+    (90, 3, 1, "under a minute left"),
+    (3600, 1, 1, "about 1h 00m left"),
+    (100, 4, 0, "none left"),
+    (100, 0, 5, None),  # nothing finished since the start: no pace yet
+])
+def test_time_left_is_the_pace_so_far_times_the_runs_left(elapsed, finished, remaining, said):
+    assert time_left(elapsed, finished, remaining) == said
 
 
 def test_method_items():
@@ -108,6 +121,11 @@ def whole(assets, tmp_path_factory) -> Path:
     done = run_cli("sweep", _sweep_file(tmp_path, assets, whole), cwd=tmp_path, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (whole / "report.md").exists()
+    # not a terminal: one line per finished run, the last one at 10 of 10 (a centralized run serves both splits)
+    lines = [ln for ln in done.stderr.splitlines() if ln.startswith("sweep: ") and "runs done" in ln]
+    assert [ln.split()[1] for ln in lines] == [f"{k}/10" for k in range(1, 11)], lines
+    assert all(ln.endswith(" left") for ln in lines), lines  # a pace from the first finished run on
+    assert lines[-1].endswith("runs done, none left")
     manifest = json.loads((whole / "sweep.json").read_text())
     assert {c["status"] for c in manifest["cells"]} == {"done"} and len(manifest["cells"]) == 12
     return whole
@@ -134,6 +152,8 @@ def test_a_killed_sweep_finishes_only_the_missing_cells_with_the_same_numbers(as
     again = run_cli("sweep", spec, cwd=tmp_path, timeout=900)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"10 runs ({len(finished)} done, {10 - len(finished)} to run)" in again.stderr.replace("\n", " ")
+    # the count goes on from the runs the killed sweep had finished
+    assert f"sweep: {len(finished) + 1}/10 runs done" in again.stderr
     assert {d: (cut / d / "metrics.jsonl").stat().st_mtime_ns for d in finished} == before  # not run again
     assert _numbers(cut) == _numbers(whole)
 

@@ -5,8 +5,8 @@
 
 A sweep skips finished cells, resumes a killed cell from its checkpoint and starts the others; it checks
 every cell's config before training any. Several processes may share one sweep (``--workers N`` starts
-them): each claims a cell before running it, and takes up a cell whose process died. Errors end in one
-line and exit 2, as everywhere in the CLI.
+them): each claims a cell before running it, and takes up a cell whose process died. Its progress says the
+time left at the pace of the runs finished so far. Errors end in one line and exit 2, as everywhere in the CLI.
 """
 
 from __future__ import annotations
@@ -26,8 +26,23 @@ def register_commands(app: typer.Typer) -> None:
     app.command()(report)
 
 
+def time_left(elapsed_s: float, finished: int, remaining: int) -> str | None:
+    """``about 4h 50m left`` at the pace of the runs finished since the sweep (re)started; ``None`` before one
+    has finished (runs finished by an earlier invocation say nothing of this machine's pace now)."""
+    if finished <= 0:
+        return None
+    if remaining <= 0:
+        return "none left"
+    seconds = round(elapsed_s / finished * remaining)
+    if seconds < 60:
+        return "under a minute left"
+    hours, minutes = divmod(round(seconds / 60), 60)
+    return f"about {hours}h {minutes:02d}m left" if hours else f"about {minutes}m left"
+
+
 class _SweepProgress:
-    """One view for the sweep: cells done, and the rounds of the cell running now."""
+    """One view for the sweep: cells done, and the rounds of the cell running now. Where the output is not a
+    terminal (a background sweep writing a log), one line per finished run says how far it is instead."""
 
     def __init__(self, total: int, done: int):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -36,6 +51,8 @@ class _SweepProgress:
         self.bars = Progress(*columns, console=console, disable=not console.is_terminal)
         self.cells = self.bars.add_task("sweep cells", total=total, completed=done)
         self.rounds = self.bars.add_task("rounds", total=1, visible=False)
+        self.total, self.done_at_start, self.done = total, done, done
+        self.started = time.monotonic()
 
     def __enter__(self):
         self.bars.__enter__()
@@ -55,14 +72,24 @@ class _SweepProgress:
 
     def cell_done(self, done: set) -> None:
         """A cell of this process ended; ``done``: every finished run, this process's or another's."""
-        self.bars.update(self.cells, completed=len(done))
+        self._count(len(done))
+
+    def _count(self, done: int) -> None:
+        if done == self.done:
+            return
+        self.done = done
+        left = time_left(time.monotonic() - self.started, done - self.done_at_start, self.total - done)
+        self.bars.update(self.cells, completed=done, description=f"sweep cells ({left})" if left else "sweep cells")
+        if not console.is_terminal:
+            console.print(f"sweep: {done}/{self.total} runs done" + (f", {left}" if left else ""))
 
     def wait_for(self, procs, done: Callable[[], set]) -> None:
         """Wait for the other workers, the cells bar following what they finish."""
         self.bars.update(self.rounds, visible=False)
         while any(p.poll() is None for p in procs):
-            self.bars.update(self.cells, completed=len(done()))
+            self._count(len(done()))
             time.sleep(2)
+        self._count(len(done()))
 
 
 def sweep(
