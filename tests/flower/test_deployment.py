@@ -4,7 +4,7 @@ A SuperNode killed mid-round leaves the round to finish with the others (the log
 the run completes; a SuperLink killed mid-run stops the command with a one-line hint, every process it
 started is gone, and ``fedlora deploy --resume`` finishes with the metrics of an uninterrupted run. The
 refusal of an unregistered node key and TLS itself are tested at the infrastructure level in
-``test_deploy.py``.
+``test_tls_auth.py``.
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 
 from engine_fixtures import start_cli
-from test_flower_engine import _assert_processes_gone, _assert_same_records, _records
+from flower_runs import assert_processes_gone, assert_same_records, run_records
 
-psutil = pytest.importorskip("psutil")
 pytestmark = [pytest.mark.deploy]
 
 CLIENTS, PER_ROUND, ROUNDS = 4, 3, 3
@@ -75,12 +74,12 @@ def test_a_supernode_killed_mid_round_leaves_the_round_to_the_others(assets, tmp
     os.kill(pids[f"node{victim}"], signal.SIGKILL)
     code, err = _finish(proc)
     assert code == 0, err[-3000:]
-    records = _records(run_dir)
+    records = run_records(run_dir)
     assert len(records) == ROUNDS
     assert victim not in records[1]["clients"] and set(records[1]["clients"]) < set(reference[1]["clients"])
     log = (run_dir / "run.log").read_text()
     assert f"(client '{victim}') lost" in log, log[-3000:]
-    _assert_processes_gone(run_dir)
+    assert_processes_gone(run_dir)
 
 
 def test_a_superlink_restart_with_resume_finishes_like_an_uninterrupted_run(assets, tmp_path):
@@ -92,11 +91,11 @@ def test_a_superlink_restart_with_resume_finishes_like_an_uninterrupted_run(asse
     code, err = _finish(proc)
     assert code == 2, err[-3000:]
     assert "Traceback" not in err and f"--resume {run_dir}" in err.strip().splitlines()[-1], err[-3000:]
-    _assert_processes_gone(run_dir)
-    kept = len(_records(run_dir))
+    assert_processes_gone(run_dir)
+    kept = len(run_records(run_dir))
     assert kept < ROUNDS
 
     code, err = _finish(_deploy("--resume", str(run_dir)))
     assert code == 0, err[-3000:]
-    _assert_same_records(_records(run_dir), reference, same_bytes_through=kept)
-    _assert_processes_gone(run_dir)
+    assert_same_records(run_records(run_dir), reference, same_bytes_through=kept)
+    assert_processes_gone(run_dir)

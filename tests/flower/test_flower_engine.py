@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from engine_fixtures import run_cli, start_cli, tiny_overrides
+from flower_runs import assert_processes_gone, assert_same_records, run_records
 
 psutil = pytest.importorskip("psutil")
 pytestmark = [pytest.mark.flower]
@@ -27,7 +28,6 @@ if shutil.which("flower-superlink", path=str(Path(sys.executable).parent)) is No
     pytest.skip("flower-superlink is not installed (pip install -e .[flower])", allow_module_level=True)
 
 CLIENTS, PER_ROUND, ROUNDS = 5, 2, 4
-KEYS = ("metric", "eval_loss", "agg_error", "agg_error_max", "train_loss", "local_metric")
 
 
 def _overrides(assets, out: Path, method: str) -> list[str]:
@@ -36,37 +36,11 @@ def _overrides(assets, out: Path, method: str) -> list[str]:
             f"partition.num_clients={CLIENTS}", f"federation.clients_per_round={PER_ROUND}"]
 
 
-def _records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
 def _in_process(assets, out: Path, method: str) -> list[dict]:
     from fedlora.config import load_config
     from fedlora.sim.engine import Simulation
 
     return Simulation(load_config(None, _overrides(assets, out, method))).run()
-
-
-def _assert_same_records(flower: list[dict], reference: list[dict], *, same_bytes_through: int | None = None) -> None:
-    """Same rounds, clients and metrics; same bytes (through round ``same_bytes_through``; default all).
-
-    After a resume on fresh nodes, the nodes' first tasks carry the catch-up from the base model: more bytes
-    down, the same metrics."""
-    assert [r["round"] for r in flower] == [r["round"] for r in reference]
-    for got, want in zip(flower, reference):
-        assert got["clients"] == want["clients"]
-        if same_bytes_through is None or got["round"] <= same_bytes_through:
-            assert got["bytes_up"] == want["bytes_up"] and got["bytes_down"] == want["bytes_down"]
-        for key in KEYS:
-            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-5), (got["round"], key)
-
-
-def _assert_processes_gone(run_dir: Path) -> None:
-    pids = json.loads((run_dir / "flower" / "pids.json").read_text())
-    assert pids, "the launcher recorded no process"
-    for name, pid in pids.items():
-        alive = psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-        assert not alive, f"{name} (pid {pid}) still runs"
 
 
 @pytest.mark.parametrize("method", ["fedex", "hexa"])
@@ -80,9 +54,9 @@ def test_flower_simulation_matches_the_in_process_engine(assets, tmp_path, metho
     run_dir = tmp_path / "flower"
     done = run_cli("run", *_overrides(assets, run_dir, method), "--engine", "flower", timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
-    _assert_same_records(_records(run_dir), reference)
+    assert_same_records(run_records(run_dir), reference)
     assert (run_dir / "checkpoints").is_dir() and (run_dir / "metric.png").exists()
-    _assert_processes_gone(run_dir)
+    assert_processes_gone(run_dir)
 
 
 def _kill_server_after_round(proc: subprocess.Popen, run_dir: Path, round_number: int, timeout: float = 300) -> None:
@@ -113,11 +87,11 @@ def test_flower_run_resumes_after_the_server_process_is_killed(assets, tmp_path)
     assert proc.returncode == 2, err[-3000:]
     last = err.strip().splitlines()[-1]
     assert "--resume" in last and "Traceback" not in err, err[-3000:]
-    _assert_processes_gone(run_dir)
-    assert len(_records(run_dir)) < ROUNDS
+    assert_processes_gone(run_dir)
+    assert len(run_records(run_dir)) < ROUNDS
 
-    kept = len(_records(run_dir))
+    kept = len(run_records(run_dir))
     done = run_cli("run", "--resume", str(run_dir), "--engine", "flower", timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
-    _assert_same_records(_records(run_dir), reference, same_bytes_through=kept)
-    _assert_processes_gone(run_dir)
+    assert_same_records(run_records(run_dir), reference, same_bytes_through=kept)
+    assert_processes_gone(run_dir)

@@ -19,7 +19,7 @@ from fedlora.flower.apps import answer_query  # noqa: E402
 from fedlora.flower.node import _NODES, ClientNode, NodeStateError, config_key, node_for  # noqa: E402
 from fedlora.flower.runtime import FlowerRuntime  # noqa: E402
 from fedlora.types import LowRank  # noqa: E402
-from test_runtime import RUN_ID, FakeGrid, fake_train, make_task, serverapp_process  # noqa: E402, F401
+from fake_grid import RUN_ID, FakeGrid, fake_train, make_task  # noqa: E402
 
 from fedlora.flower.runtime import train_handler  # noqa: E402
 

@@ -2,29 +2,20 @@
 to its node as a "train" message, every kind of client failure lands in ``Exchange.failed`` with one line
 naming node and client while the other clients' replies come through, and the byte counts add up.
 
-The fake Grid does what Flower 1.41's grids and ClientApp runner do around a message: it gives each pushed
-message an id, moves messages and replies through Flower's object store bytes (deflate each nested object,
-inflate from the bytes), runs the node's handler, and turns an exception raised in it into an error reply.
-The reference for a reply is what the fake ``train_fn`` returns for the task. Builders and comparison are
-copied, trimmed, from tests/flower/test_records.py.
+The fake Grid (``fake_grid.py``) does what Flower 1.41's grids and ClientApp runner do around a message.
+The reference for a reply is what the fake ``train_fn`` returns for the task.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import uuid
 
 import pytest
 
 pytest.importorskip("flwr")
 
-import torch  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict  # noqa: E402
 from flwr.common.constant import ErrorCode  # noqa: E402
-from flwr.serverapp import Grid  # noqa: E402
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects  # noqa: E402
-from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from fedlora.flower import (  # noqa: E402
     HEADER_RECORD,
@@ -45,49 +36,12 @@ from fedlora.protocol import (  # noqa: E402
     reply_tensor_bytes,
     task_tensor_bytes,
 )
-from fedlora.types import LoRAFactors  # noqa: E402
 from message_builders import assert_same  # noqa: E402
-from flower_builders import make_task as records_task  # noqa: E402
+from fake_grid import ROUND, RUN_ID, FakeGrid, fake_train, make_task  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread", "serverapp_process")
 
-ROUND = 4
-RUN_ID = 77
-
-
-@pytest.fixture
-def serverapp_process(monkeypatch):
-    """What Flower sets in a ServerApp's process, without which ``Message(...)`` cannot be built."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", RUN_ID)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 1)  # flwr.common.constant.SUPERLINK_NODE_ID
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-
-
-# ---------------------------------------------------------------- builders
-
-def make_task(seed: int, client_id: str) -> ClientTask:
-    """The records tests' task (every kind of field), as round ``ROUND``; odd seeds train a module subset
-    and A, even ones every module and B only."""
-    task = records_task(seed, client_id)
-    return dataclasses.replace(task, round=ROUND, seed=[12345, ROUND, seed], catch_up_to=ROUND,
-                               modules=task.modules if seed % 2 else None)
-
-
-def fake_train(task: ClientTask) -> ClientReply:
-    """Deterministic: the trained modules' factors and the head scaled by 2. A task that does not train A
-    gets a B-only reply, whose A is zeros (what such a reply decodes to)."""
-    modules = task.modules if task.modules is not None else list(task.adapter)
-    a = (lambda t: 2 * t) if task.train_a else torch.zeros_like
-    return ClientReply(
-        round=task.round, client_id=task.client_id, rank=task.rank,
-        factors={m: LoRAFactors(2 * task.adapter[m].B, a(task.adapter[m].A), task.adapter[m].scale)
-                 for m in modules},
-        head={k: 2 * v for k, v in task.head.items()},
-        num_examples=10 + len(task.client_id), train_loss=1 / 3 + task.rank,
-        label_histogram=torch.tensor([1.0, 0.0, float(task.rank)], dtype=torch.float64),
-        metrics={"lr": task.train.lr}, sent_a=task.train_a,
-    )
-
+# ---------------------------------------------------------------- client handlers that misbehave
 
 def raising_train(task: ClientTask) -> ClientReply:
     raise RuntimeError("CUDA out of memory\nwhile training")
@@ -100,93 +54,6 @@ def wrong_client_train(task: ClientTask) -> ClientReply:
 def garbage_reply_handler(msg: Message, context: Context) -> Message:
     junk = RecordDict({HEADER_RECORD: ConfigRecord({"header": "{not json"}), TENSOR_RECORD: ArrayRecord()})
     return Message(junk, reply_to=msg)
-
-
-# ---------------------------------------------------------------- comparison
-
-# ---------------------------------------------------------------- the fake Grid
-
-def over_the_wire(msg: Message) -> Message:
-    """``msg`` after Flower's object store: every nested object deflated to bytes and inflated back.
-
-    Deflating drops the message id (the link assigns it), so it is put back.
-    """
-    objects = {oid: obj.deflate() for oid, obj in get_all_nested_objects(msg).items()}
-    back = inflate_object_from_contents(msg.object_id, objects)
-    assert isinstance(back, Message)
-    back.metadata.__dict__["_message_id"] = msg.metadata.message_id
-    return back
-
-
-def wire_bytes(msg: Message) -> int:
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(msg).values())
-
-
-class FakeGrid(Grid):
-    """Routes each message to its node's handler, in memory, the way Flower's grid and runner would.
-
-    ``drop``: nodes whose reply is lost; ``repeat``: nodes whose reply arrives twice; ``garble_tasks``: nodes
-    that receive junk content instead of the task; ``replace``: node -> ``fn(inbound, reply)`` giving the
-    reply that arrives instead; ``set_ids=False``: a grid that writes no message ids (replies are then
-    matched by node).
-    """
-
-    def __init__(self, handlers, *, drop=(), repeat=(), garble_tasks=(), replace=None, set_ids=True):
-        self.handlers = handlers
-        self.drop, self.repeat, self.garble_tasks = set(drop), set(repeat), set(garble_tasks)
-        self.replace = replace or {}
-        self.set_ids = set_ids
-        self.sent: list[Message] = []  # what send_and_receive got, as the runtime built it
-        self.timeouts: list = []
-        self.wire: dict[int, tuple[int, int]] = {}  # node -> Flower's bytes of (task, reply) message
-
-    # The abstract methods a ServerApp's grid has; this one needs no run and no link.
-    def set_run(self, run) -> None:
-        self._run = run
-
-    @property
-    def run(self):
-        return self._run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self):
-        return list(self.handlers)
-
-    def push_messages(self, messages):
-        raise NotImplementedError  # the runtime uses send_and_receive only
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):
-        self.timeouts.append(timeout)
-        replies = []
-        for msg in messages:
-            self.sent.append(msg)
-            if self.set_ids:
-                msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
-            node = msg.metadata.dst_node_id
-            inbound = over_the_wire(msg)
-            if node in self.garble_tasks:
-                inbound.content = RecordDict({"junk": ConfigRecord({"x": 1})})
-            context = Context(run_id=RUN_ID, node_id=node, node_config={}, state=RecordDict(), run_config={})
-            try:
-                reply = self.handlers[node](inbound, context)
-            except Exception as ex:  # what flwr.supernode.runtime.run_clientapp does
-                reason = str(type(ex)) + ":<'" + str(ex) + "'>"
-                error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)
-                reply = Message(error, reply_to=inbound)
-            if node in self.replace:
-                reply = self.replace[node](inbound, reply)
-            self.wire[node] = (wire_bytes(msg), wire_bytes(reply))
-            if node in self.drop:
-                continue
-            reply = over_the_wire(reply)
-            reply.metadata.__dict__["_message_id"] = str(uuid.uuid4()) if self.set_ids else ""
-            replies += [reply] * (2 if node in self.repeat else 1)
-        return replies
 
 
 # ---------------------------------------------------------------- scenarios
