@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.markdown import Markdown
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated LoRA fine-tuning.",
+                  rich_markup_mode="markdown",  # "rich" would read [CONFIG.yaml] as a style tag
                   pretty_exceptions_enable=False)
 console = Console(stderr=True)
 USER_ERRORS = (ValueError, OSError)
