@@ -95,6 +95,26 @@ def test_writer_repairs_partial_tail_before_appending(tmp_path: Path) -> None:
     assert [r["round"] for r in load_metrics(path)] == [1, 2]
 
 
+@pytest.mark.parametrize("how", ["older copy", "removed", "emptied copy"])
+def test_a_file_replaced_under_the_writer_gets_every_record_back(tmp_path: Path, how: str) -> None:
+    """What ``git stash`` did to a running sweep: the committed copy (round 1) replaced the file the run
+    held open (a new inode), and every later round went to the unlinked one."""
+    path = tmp_path / "metrics.jsonl"
+    written = [make_record(r) for r in (1, 2, 3)]
+    with MetricsWriter(tmp_path, tensorboard=False) as w:
+        w.write(written[0])
+        committed = path.read_text()
+        w.write(written[1])
+        path.unlink()  # git removes the file and writes its copy as a new one
+        if how != "removed":
+            path.write_text(committed if how == "older copy" else "")
+        w.write(written[2])
+        assert load_metrics(path) == written  # on disk at once, not only when the writer closes
+        w.write(make_record(4))
+    assert [r["round"] for r in load_metrics(path)] == [1, 2, 3, 4]
+    assert not list(tmp_path.glob(".metrics.jsonl.*"))  # no temporary file left
+
+
 def test_truncate_after_keeps_rounds_up_to_n(tmp_path: Path) -> None:
     with MetricsWriter(tmp_path, tensorboard=False) as w:
         for r in range(1, 6):

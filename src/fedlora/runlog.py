@@ -16,12 +16,11 @@ from __future__ import annotations
 import json
 import numbers
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .atomic import fsync_dir as _fsync_dir
+from .atomic import write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 HIER_FILE = "hier.jsonl"  # HierFedLoRA's groupings and plans, one line each time they change
@@ -98,7 +97,7 @@ def keep_jsonl_through(path: str | os.PathLike[str], round: int) -> None:  # noq
     path = Path(path)
     if path.exists():
         kept = [r for r in load_metrics(path) if not (_is_number(r.get("round")) and r["round"] > round)]
-        path.write_text("".join(json.dumps(r, default=_json_default) + "\n" for r in kept))
+        write_text_atomic(path, "".join(json.dumps(r, default=_json_default) + "\n" for r in kept))
 
 
 class MetricsWriter:
@@ -106,7 +105,10 @@ class MetricsWriter:
 
     Every :meth:`write` is flushed and ``fsync``-ed, so a run killed at any point leaves a file of whole
     lines (at worst plus one partial line, which :func:`load_metrics` skips and the next writer on the
-    same directory removes).
+    same directory removes). The file this writer appends to is the run's record: when another program
+    replaces or removes it while the run goes on (``git checkout`` or ``git stash`` of a committed copy,
+    rsync, an editor), the next :meth:`write` puts back everything this writer holds, instead of
+    appending to a file no longer on disk.
 
     Parameters
     ----------
@@ -131,7 +133,7 @@ class MetricsWriter:
         self.tb_dir = self.run_dir / "tb"
         self.tensorboard = tensorboard
         _repair_tail(self.path)
-        self._file: Any = self.path.open("a", encoding="utf-8")
+        self._file: Any = self.path.open("a+", encoding="utf-8")  # "+": readable, for _restore_if_replaced
         self._tb: Any = None
         if tensorboard:
             # metrics.jsonl is the source of truth: on an existing run, hide TensorBoard scalars of
@@ -168,6 +170,7 @@ class MetricsWriter:
         if not isinstance(step, numbers.Integral) or isinstance(step, bool):
             raise ValueError(f"record needs an integer 'round', got {step!r}")
         line = json.dumps(dict(record), default=_json_default, ensure_ascii=False)
+        self._restore_if_replaced()
         self._file.write(line + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -177,6 +180,22 @@ class MetricsWriter:
                 if key != "round" and _is_number(value):
                     self._tb.add_scalar(f"{method}/{key}", float(value), global_step=int(step))
             self._tb.flush()
+
+    def _restore_if_replaced(self) -> None:
+        """If ``self.path`` is no longer the file this writer holds open, write what it holds there."""
+        held = os.fstat(self._file.fileno())
+        try:
+            on_disk = os.stat(self.path)
+            if (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino):
+                return
+        except FileNotFoundError:
+            pass
+        self._file.seek(0)
+        text = self._file.read()
+        self._file.close()
+        self._file = None
+        write_text_atomic(self.path, text)
+        self._file = self.path.open("a+", encoding="utf-8")
 
     def truncate_after(self, round: int) -> int:  # noqa: A002 - the name the callers use
         """Keep only records with ``record["round"] <= round`` (used when resuming a run).
@@ -201,20 +220,10 @@ class MetricsWriter:
         self._file = None
         records = load_metrics(self.path) if self.path.exists() else []
         kept = [r for r in records if _is_number(r.get("round")) and r["round"] <= round]
-        fd, tmp = tempfile.mkstemp(prefix=f".{METRICS_FILE}.", suffix=".tmp", dir=self.run_dir)
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                for r in kept:
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            self._file = self.path.open("a", encoding="utf-8")
-            raise
-        _fsync_dir(self.run_dir)
-        self._file = self.path.open("a", encoding="utf-8")
+            write_text_atomic(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+        finally:
+            self._file = self.path.open("a+", encoding="utf-8")
         if self._tb is not None:
             self._tb.close()
             self._tb = self._open_tensorboard(purge_step=int(round) + 1)
