@@ -194,6 +194,9 @@ CASES = {
                               (lit("/no/such/file.tsv"),)),
     "wrong-column": Case(lambda w, t: _bad_run_may_create(w, t, "data.text_column=nope"), (lit("nope"),)),
     "unknown-method": Case(lambda w, t: _bad_run(w, t, "federation.method=nope"), (lit("nope"),)),
+    "override-not-yaml": Case(lambda w, t: _bad_run(w, t, "federation.method=[bold]x"),
+                              (lit("federation.method"), lit("'[bold]x'"), lit("quote it"))),  # shown, not markup
+    "path-with-brackets": Case(lambda w, t: Prepared(["report", str(t / "[red]no-such")]), (lit("[red]no-such"),)),
     "unknown-label": Case(_unknown_label, (lit("maybe"),)),
     "model-not-on-hub-offline": Case(lambda w, t: _bad_run(w, t, "model.name=nobody/no-such-model"),
                                      (lit("nobody/no-such-model"),)),

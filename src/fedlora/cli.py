@@ -27,6 +27,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markdown import Markdown
+from rich.markup import escape
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated LoRA fine-tuning.",
                   rich_markup_mode="markdown",  # "rich" would read [CONFIG.yaml] as a style tag
@@ -59,7 +60,7 @@ def _setup_logging(run_dir: Path | None = None) -> None:
 
 
 def _error_line(text: str) -> None:
-    console.print(f"[bold red]error:[/] {text}", soft_wrap=True, markup=True, highlight=False)
+    console.print(f"[bold red]error:[/] {escape(text)}", soft_wrap=True, markup=True, highlight=False)
 
 
 def _fail(err: Exception) -> None:
@@ -232,10 +233,10 @@ def run(
 
     plot_run(records, run_dir)
     _plot_hierarchy(sim, run_dir)
-    _stdout().print(summary_table(records, f"fedlora run: {run_dir}"))
+    _stdout().print(summary_table(records, f"fedlora run: {escape(str(run_dir))}"))
     if sim.cfg.eval.target is not None:
         _stdout().print(Markdown(_targets(records, sim.cfg.eval.target)))
-    console.print(f"metrics, plots and checkpoints in [bold]{run_dir}[/]")
+    console.print(f"metrics, plots and checkpoints in [bold]{escape(str(run_dir))}[/]")
 
 
 def _targets(records, target: float | None) -> str:
@@ -303,7 +304,7 @@ def compare(
     plot_compare(runs, out_path)
     plot_costs(runs, out_path, target)
     _stdout().print(Markdown(table))
-    console.print(f"table and plots in [bold]{out_path}[/]")
+    console.print(f"table and plots in [bold]{escape(str(out_path))}[/]")
 
 
 @app.command()
@@ -323,11 +324,11 @@ def export(
     except USER_ERRORS as err:
         _fail(err)
     for line in result.skipped:
-        console.print(f"[yellow]warning:[/] {line}", soft_wrap=True, highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(line)}", soft_wrap=True, highlight=False)
     if result.rank is not None:
         console.print(f"rank {result.rank}: relative error {result.rank_error:.3e} of the run's whole update "
                       f"(saved in {result.path / 'rank_error.json'})", soft_wrap=True, highlight=False)
-    console.print(f"wrote [bold]{result.path}[/] (round {result.round})")
+    console.print(f"wrote [bold]{escape(str(result.path))}[/] (round {result.round})")
 
 
 def main() -> None:
@@ -347,7 +348,7 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as err:
-        console.print(err.format_message())
+        console.print(escape(err.format_message()))
         code = 0
     except click.exceptions.UsageError as err:  # unknown option, missing argument: one line too
         command = err.ctx.command_path if err.ctx is not None else "fedlora"

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from .cli import (
     USER_ERRORS, _claim, _error_line, _fail, _load, _ProgressBars, _resume_rounds, _setup_logging, _stdout,
@@ -63,8 +64,8 @@ def _finish(cfg, run_dir: Path) -> None:
 
     records = _records(run_dir)
     plot_run(records, run_dir)
-    _stdout().print(summary_table(records, f"fedlora on Flower: {run_dir}"))
-    console.print(f"metrics, plots and checkpoints in [bold]{run_dir}[/]")
+    _stdout().print(summary_table(records, f"fedlora on Flower: {escape(str(run_dir))}"))
+    console.print(f"metrics, plots and checkpoints in [bold]{escape(str(run_dir))}[/]")
 
 
 def _launch(kind: str, args, resume, data_dir, overwrite, **options) -> None:

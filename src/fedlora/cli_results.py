@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from .cli import USER_ERRORS, _error_line, _fail, _setup_logging, _stdout, console
 
@@ -129,7 +130,8 @@ def sweep(
         sw.write_manifest(spec, cells, status)
         runs = {c.dir: c for c in cells}  # a centralized run serves every partition: run it once
         todo = [c for d, c in runs.items() if status[c.name] != "done"]
-        console.print(f"sweep: {len(runs)} runs ({len(runs) - len(todo)} done, {len(todo)} to run) in {spec.out}")
+        console.print(f"sweep: {len(runs)} runs ({len(runs) - len(todo)} done, {len(todo)} to run) "
+                      f"in {escape(str(spec.out))}")
         if dry_run:
             return
         workers = min(workers, max(len(todo), 1))
@@ -189,7 +191,7 @@ def _write_report(folder: Path, out: str | None) -> None:
     from .report_dir import write_report
 
     path = write_report(Path(folder), Path(out) if out else None)
-    _stdout().print(f"report: {path}")
+    _stdout().print(f"report: {escape(str(path))}")
 
 
 def report(

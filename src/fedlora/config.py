@@ -333,7 +333,12 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{key}: {part!r} is not a section")
-        node[parts[-1]] = _parse_value(value)
+        try:
+            node[parts[-1]] = _parse_value(value)
+        except yaml.YAMLError as err:  # e.g. "[a]b": a list followed by text
+            problem = getattr(err, "problem", None) or "not valid YAML"
+            raise ConfigError(f"{key}: cannot read {value!r} as a value ({problem}); quote it to pass it as "
+                              f"text: {key}='\"{value}\"'") from None
     return raw
 
 
