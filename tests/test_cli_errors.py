@@ -188,7 +188,8 @@ def _export_rank_0(w: World, tmp: Path) -> Prepared:
 LONG_PATH = "/no/such/" + "x" * 120 + ".tsv"
 
 CASES = {
-    "key-typo": Case(lambda w, t: _bad_run(w, t, "federation.roundz=3"), (lit("federation.roundz"),)),
+    "key-typo": Case(lambda w, t: _bad_run(w, t, "federation.roundz=3"),
+                     (lit("federation.roundz"), lit("did you mean rounds?"))),
     "wrong-type": Case(lambda w, t: _bad_run(w, t, "federation.rounds=abc"), (lit("federation.rounds"),)),
     "missing-data-file": Case(lambda w, t: _bad_run_may_create(w, t, "data.task=/no/such/file.tsv"),
                               (lit("/no/such/file.tsv"),)),

@@ -110,7 +110,20 @@ def test_flat_option_keys_point_to_options():
     message = config_error(["partition.alpha=0.5"])
     assert message == ("partition.alpha: unknown key; scheme options go under partition.options "
                        "(partition.options.alpha)")
-    assert config_error(["partition.nonsense=1"]) == "partition.nonsense: unknown key"
+    nonsense = config_error(["partition.nonsense=1"])
+    assert nonsense.startswith("partition.nonsense: unknown key (partition keys: ") and "num_clients" in nonsense
+
+
+@pytest.mark.parametrize(("override", "start", "listed"), [
+    ("federation.roundz=3", "federation.roundz: unknown key; did you mean rounds? (federation keys: ",
+     "clients_per_round"),
+    ("train.lr_schedul=linear", "train.lr_schedul: unknown key; did you mean lr_schedule? (train keys: ", "bf16"),
+    ("lorra.rank=4", "lorra: unknown key; did you mean lora? (top-level keys: ", "federation"),
+    ("lora.r=4", "lora.r: unknown key (lora keys: ", "rank"),  # nothing close enough: the keys only
+])
+def test_an_unknown_key_names_the_closest_and_lists_its_section(override, start, listed):
+    message = config_error([override])
+    assert message.startswith(start) and listed in message, message
 
 
 def test_a_newly_registered_scheme_is_accepted(monkeypatch):

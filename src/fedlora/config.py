@@ -342,12 +342,29 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def _known_keys(loc: tuple) -> str:
+    """``; did you mean rank? (lora keys: rank, alpha, ...)`` for an unknown key at ``loc``, where the
+    section it sits in is a fixed set of fields (not a free mapping such as method options)."""
+    import difflib
+
+    model: Any = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        model = field.annotation if field is not None else None
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return ""
+    keys = list(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), keys, n=1, cutoff=0.5)
+    where = f"{'.'.join(map(str, loc[:-1]))} keys" if len(loc) > 1 else "top-level keys"
+    return (f"; did you mean {close[0]}?" if close else "") + f" ({where}: {', '.join(keys)})"
+
+
 def _one_line(err: ValidationError) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "config"
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        msg = "unknown key"
+        msg = "unknown key" + _known_keys(first["loc"])
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     return f"{key}: {msg}{more}"
 
