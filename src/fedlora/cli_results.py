@@ -135,9 +135,9 @@ def sweep(
         if dry_run:
             return
         workers = min(workers, max(len(todo), 1))
-        if workers > 1 and not sw.claims_work():
-            raise ValueError("--workers needs file locks (fcntl), which this system lacks; run with --workers 1")
         if workers > 1:
+            if not sw.claims_work():
+                raise ValueError("--workers needs file locks (fcntl), which this system lacks; run with --workers 1")
             import torch
 
             procs = start_workers(spec_file, spec.out, data_dir, workers - 1)

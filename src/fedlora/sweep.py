@@ -37,6 +37,11 @@ from pathlib import Path
 
 import yaml
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: a sweep runs in one process
+    fcntl = None
+
 from .atomic import write_json_atomic
 from .checkpoint import has_checkpoints
 from .config import RunConfig, load_config
@@ -222,11 +227,9 @@ def claim(out: Path, name: str) -> Iterator[bool]:
     ends, killed or not, so a crashed worker never leaves a stale claim. Processes on one machine (or on a
     shared filesystem whose locks work); where ``fcntl`` is missing every claim succeeds (one worker).
     """
-    if not claims_work():  # not POSIX: one worker, nothing to share
+    if fcntl is None:  # not POSIX: one worker, nothing to share
         yield True
         return
-    import fcntl
-
     path = out / CLAIMS / f"{name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:  # the file stays: removing it would race with a process opening it
@@ -243,8 +246,4 @@ def claim(out: Path, name: str) -> Iterator[bool]:
 
 def claims_work() -> bool:
     """Whether :func:`claim` can keep processes apart here (``fcntl``: POSIX systems)."""
-    try:
-        import fcntl  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return fcntl is not None
