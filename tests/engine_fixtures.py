@@ -68,6 +68,10 @@ def tiny_overrides(model_dir: Path, data_file: Path, out_dir: Path, method: str 
     ]
 
 
+# Record keys measured on this machine's clock: they differ between two runs of the same config.
+TIMING_KEYS = {"round_time_s", "wall_time_s", "phase_s"}
+
+
 def cli_env() -> dict[str, str]:
     """The environment of a CLI subprocess: offline, no terminal size or forced colour (so its output is what
     CI logs and ``make`` see), and this interpreter's ``bin`` first on PATH (the Flower tools live there)."""

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from engine_fixtures import tiny_overrides
+from engine_fixtures import TIMING_KEYS, tiny_overrides
 from fedlora import checkpoint
 from fedlora.config import ConfigError, load_config
 
-TIMING_KEYS = {"round_time_s", "wall_time_s"}
 
 
 def _cfg(assets, out, method="hexa", rounds=3):

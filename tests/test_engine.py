@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_fixtures import run_cli, tiny_overrides
+from engine_fixtures import TIMING_KEYS, run_cli, tiny_overrides
 from fedlora import checkpoint
 from fedlora.config import ConfigError, load_config
 
-TIMING_KEYS = {"round_time_s", "wall_time_s"}
 
 
 def _cfg(assets, out, method="fedex", rounds=4, extra=()):
@@ -195,6 +194,17 @@ def test_cli_reports_bad_config_in_one_line(tmp_path):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "federation.rounds" in lines[0], proc.stderr
+
+
+def test_each_round_records_its_measured_phases_within_its_time(assets, tmp_path):
+    from fedlora.runlog import load_metrics
+
+    _, records = _run(_cfg(assets, tmp_path / "run", rounds=2))
+    for r in load_metrics(tmp_path / "run"):  # as written to metrics.jsonl
+        assert set(r["phase_s"]) == {"exchange", "aggregate", "evaluate"}
+        assert all(v > 0 for v in r["phase_s"].values())
+        assert sum(r["phase_s"].values()) <= r["round_time_s"]  # parts of the round, measured inside it
+    assert len(records) == 2
 
 
 def test_heterogeneous_ranks_hexa_is_exact_and_base_weights_only_take_the_folds(assets, tmp_path):

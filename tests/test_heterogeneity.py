@@ -11,10 +11,9 @@ import json
 
 import pytest
 
-from engine_fixtures import run_cli, tiny_overrides
+from engine_fixtures import TIMING_KEYS, run_cli, tiny_overrides
 from fedlora.config import load_config
 
-TIMING_KEYS = {"round_time_s", "wall_time_s"}
 TWO_CLASSES = [
     "devices.classes={fast: {speed: 4.0e+9, up: 1.0e+6, down: 4.0e+6, memory: 8.0e+9},"
     " slow: {speed: 1.0e+9, up: 2.5e+5, down: 1.0e+6, memory: 8.0e+9}}",

@@ -14,7 +14,6 @@ GOLDEN = {
     "fra_ffa_after": ("fra", 3, ["federation.method_options.fold_tail=true", "federation.method_options.ffa_after=1",
                                  "train.optimizer_state=kept"]),
 }
-TIMING_KEYS = {"round_time_s", "wall_time_s"}
 
 
 def record_golden(out_json: str) -> None:
@@ -24,7 +23,7 @@ def record_golden(out_json: str) -> None:
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from engine_fixtures import make_sentiment_tsv, make_tiny_bert, tiny_overrides
+    from engine_fixtures import TIMING_KEYS, make_sentiment_tsv, make_tiny_bert, tiny_overrides
 
     from fedlora.config import load_config
     from fedlora.sim.engine import Simulation

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from engine_fixtures import tiny_overrides
+from engine_fixtures import TIMING_KEYS, tiny_overrides
 from fedlora.config import load_config
-from golden_configs import GOLDEN, TIMING_KEYS
+from golden_configs import GOLDEN
 
 BYTE_KEYS = {"bytes_up", "bytes_down", "bytes_up_per_client", "bytes_down_per_client", "header_bytes"}
 ADDED_KEYS = {"sim_round_s", "sim_time_s", "stragglers", "client_ranks", "rank_energy", "metrics"}

@@ -9,14 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_fixtures import tiny_overrides
+from engine_fixtures import TIMING_KEYS, tiny_overrides
 from fedlora.aggregators import get_aggregator
 from fedlora.config import load_config
 from fedlora.protocol import ClientReply, TrainSettings, message_sizes
 from fedlora.protocol.strategy import RoundStrategy
 from fedlora.types import LoRAFactors, ModuleState
 
-TIMING_KEYS = {"round_time_s", "wall_time_s"}
 
 
 def _cfg(assets, out, method="hexa", rounds=2, extra=()):

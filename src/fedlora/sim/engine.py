@@ -227,17 +227,22 @@ class Simulation:
         times, header_bytes, wire, stragglers, rejected = [], {}, {}, [], {}
         bytes_up: dict[str, int] = {}
         bytes_down: dict[str, int] = {}
+        phase_s = {"exchange": 0.0, "aggregate": 0.0}  # measured wall-clock, beside the simulated sim_round_s
         self.strategy.resync(self.runtime.client_versions(clients))
         for step in range(self.strategy.exchanges_per_round):
             tasks = self.strategy.configure_train(round_idx, clients, step=step)
+            t_phase = time.perf_counter()
             exchange = self.runtime.exchange(tasks, on_reply=on_client)
+            phase_s["exchange"] += time.perf_counter() - t_phase
             exchange_times = self._times(round_idx, tasks, exchange)
             late = self.clock.stragglers(exchange_times)
             for cid, why in late.items():
                 exchange.failed.setdefault(cid, why)
                 exchange.replies.pop(cid, None)
             stragglers += [cid for cid in late if cid not in stragglers]
+            t_phase = time.perf_counter()
             result = self.strategy.aggregate_train(round_idx, tasks, exchange.replies, exchange.failed, step=step)
+            phase_s["aggregate"] += time.perf_counter() - t_phase
             rejected.update(result.rejected)  # a client rejected in any exchange of the round
             times.append(exchange_times)
             for total, part in ((bytes_up, result.bytes_up), (bytes_down, result.bytes_down),
@@ -270,7 +275,9 @@ class Simulation:
         if self.client_dp is not None:
             record["client_epsilon"], record["client_delta"] = (self.client_dp.epsilon(round_idx + 1),
                                                                 self.client_dp.delta)
+        t_phase = time.perf_counter()
         record.update(self.evaluate(result.clients, round_idx + 1))
+        record["phase_s"] = {**phase_s, "evaluate": time.perf_counter() - t_phase}
         record["round_time_s"] = time.perf_counter() - t0
         return record
 
