@@ -141,7 +141,7 @@ def test_the_header_aggregation_error_and_communication_tables(sweep_report):
     assert "- Kind: sweep" in markdown and "- Cells: 12" in markdown
     assert "- Cells not done: 2 (pending: 1, running: 1)" in markdown
     assert "rank=8" in markdown and "lr=0.005" in markdown
-    assert "- Total wall time: 72.0 s" in markdown  # 12 cells, last wall_time_s 6.0 each
+    assert "- Total wall time: 72.0 s = 0.02 h (sum over the 12 runs" in markdown  # last wall_time_s 6.0 each
     _, rows = section(markdown, "## Final aggregation error")
     assert rows["ffa"][0] == f"{np.mean([1e-3 * (s + 1) / ROUNDS for s in SEEDS]):.1e}"
     assert rows["fedit"][0] == f"{0.0:.1e}"
@@ -258,3 +258,17 @@ def test_the_last_rounds_table_averages_each_seeds_last_three_rounds_first(sweep
         for m in METHODS:
             want[m].append(expected_cell(means[m], m == best))
     assert rows == want
+
+
+def test_a_run_shared_by_several_cells_counts_once_in_the_wall_time(tmp_path):
+    """The centralized ceiling: one run folder listed under every partition; 6 s + 6 s, not 6 s x 3."""
+    write_log(tmp_path / "cells" / "centralized-s0", [record("fedit", "iid", 0, r) for r in range(1, ROUNDS + 1)])
+    write_log(tmp_path / "cells" / "ffa-iid-s0", [record("ffa", "iid", 0, r) for r in range(1, ROUNDS + 1)])
+    cells = [{"name": f"centralized-{p}-s0", "dir": "cells/centralized-s0", "status": "done",
+              "keys": {"method": "centralized", "partition": p, "seed": 0}} for p in PARTITIONS]
+    cells.append({"name": "ffa-iid-s0", "dir": "cells/ffa-iid-s0", "status": "done",
+                  "keys": {"method": "ffa", "partition": "iid", "seed": 0}})
+    axes = {"method": ["centralized", "ffa"], "partition": list(PARTITIONS), "seed": [0]}
+    (tmp_path / "sweep.json").write_text(json.dumps({"axes": axes, "cells": cells}))
+    markdown = write_report(tmp_path).read_text()
+    assert "- Cells: 3" in markdown and "- Total wall time: 12.0 s = 0.00 h (sum over the 2 runs" in markdown

@@ -336,9 +336,10 @@ def _header(folder: Path, found: _Folder, grid: _Grid) -> list[str]:
     seeds = _ordered([c for c in cells if "seed" in c.keys], "seed", found.axes)
     if seeds:
         lines.append(f"- Seeds: {', '.join(map(str, seeds))}")
-    walls = [t for c in cells if (t := _total_time(c.records)) is not None]
+    runs = {c.path: c for c in cells}  # the centralized ceiling is one run serving every partition's column
+    walls = [t for c in runs.values() if (t := _total_time(c.records)) is not None]
     total = f"{sum(walls):,.1f} s = {sum(walls) / 3600:.2f} h" if walls else _DASH
-    lines.append(f"- Total wall time: {total} (sum over cells of the last `wall_time_s`)\n")
+    lines.append(f"- Total wall time: {total} (sum over the {len(runs)} runs of the last `wall_time_s`)\n")
     return lines
 
 
