@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -152,7 +153,9 @@ def test_a_killed_sweep_finishes_only_the_missing_cells_with_the_same_numbers(as
     again = run_cli("sweep", spec, cwd=tmp_path, timeout=900)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"10 runs ({len(finished)} done, {10 - len(finished)} to run)" in again.stderr.replace("\n", " ")
-    # the count goes on from the runs the killed sweep had finished
+    # the runs the killed sweep finished give a pace before any new one ends; the count goes on from them
+    start = next(ln for ln in again.stderr.splitlines() if ln.startswith("sweep: 10 runs"))
+    assert re.search(r"; (about \d+(h \d+)?m|under a minute) left at the pace of the runs done$", start), start
     assert f"sweep: {len(finished) + 1}/10 runs done" in again.stderr
     assert {d: (cut / d / "metrics.jsonl").stat().st_mtime_ns for d in finished} == before  # not run again
     assert _numbers(cut) == _numbers(whole)

@@ -130,11 +130,15 @@ def sweep(
         sw.write_manifest(spec, cells, status)
         runs = {c.dir: c for c in cells}  # a centralized run serves every partition: run it once
         todo = [c for d, c in runs.items() if status[c.name] != "done"]
+        workers = min(workers, max(len(todo), 1))
+        took = [t for d, c in runs.items() if status[c.name] == "done" and (t := sw.run_seconds(c)) is not None]
+        # before any run of this invocation ends, the runs already done give the pace (one process each)
+        left = time_left(sum(took), len(took) * workers, len(todo)) if todo and took else None
         console.print(f"sweep: {len(runs)} runs ({len(runs) - len(todo)} done, {len(todo)} to run) "
-                      f"in {escape(str(spec.out))}")
+                      f"in {escape(str(spec.out))}" + (f"; {left} at the pace of the runs done" if left else ""),
+                      soft_wrap=True)
         if dry_run:
             return
-        workers = min(workers, max(len(todo), 1))
         if workers > 1:
             if not sw.claims_work():
                 raise ValueError("--workers needs file locks (fcntl), which this system lacks; run with --workers 1")

@@ -203,6 +203,13 @@ def cell_status(cell: Cell, rounds: int) -> str:
     return "partial" if has_checkpoints(cell.dir) else "pending"
 
 
+def run_seconds(cell: Cell) -> float | None:
+    """The measured wall-clock a finished cell's run took (its last record's ``wall_time_s``)."""
+    records = load_metrics(cell.dir / METRICS_FILE) if (cell.dir / METRICS_FILE).exists() else []
+    wall = records[-1].get("wall_time_s") if records else None
+    return float(wall) if isinstance(wall, (int, float)) else None
+
+
 def write_manifest(spec: SweepSpec, cells: list[Cell], status: dict[str, str]) -> Path:
     """``out/sweep.json``: the axes and every cell (folders relative to ``out``)."""
     axes = {"method": [m.label for m in spec.methods], "partition": list(spec.partitions), "seed": spec.seeds}
