@@ -28,8 +28,8 @@ def register_commands(app: typer.Typer) -> None:
 
 
 def time_left(elapsed_s: float, finished: int, remaining: int) -> str | None:
-    """``about 4h 50m left`` at the pace of the runs finished since the sweep (re)started; ``None`` before one
-    has finished (runs finished by an earlier invocation say nothing of this machine's pace now)."""
+    """``about 4h 50m left`` for ``remaining`` runs at the pace of ``elapsed_s`` per ``finished`` runs;
+    ``None`` while no run has finished (no pace yet)."""
     if finished <= 0:
         return None
     if remaining <= 0:
@@ -131,7 +131,7 @@ def sweep(
         runs = {c.dir: c for c in cells}  # a centralized run serves every partition: run it once
         todo = [c for d, c in runs.items() if status[c.name] != "done"]
         workers = min(workers, max(len(todo), 1))
-        took = [t for d, c in runs.items() if status[c.name] == "done" and (t := sw.run_seconds(c)) is not None]
+        took = [t for c in runs.values() if status[c.name] == "done" and (t := sw.run_seconds(c)) is not None]
         # before any run of this invocation ends, the runs already done give the pace (one process each)
         left = time_left(sum(took), len(took) * workers, len(todo)) if todo and took else None
         console.print(f"sweep: {len(runs)} runs ({len(runs) - len(todo)} done, {len(todo)} to run) "

@@ -93,7 +93,7 @@ def _best(records: Sequence[Mapping[str, Any]], key: str, higher: bool) -> float
     return max(values) if higher else min(values)
 
 
-def _total_time(records: Sequence[Mapping[str, Any]]) -> float | None:
+def total_time(records: Sequence[Mapping[str, Any]]) -> float | None:
     """Largest cumulative ``wall_time_s``; else the sum of ``round_time_s``; else None."""
     wall = _values(records, "wall_time_s")
     if wall:
@@ -246,7 +246,7 @@ def compare_markdown(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
             _fmt_sci(max(errors) if errors else None),
             _fmt_mb(sum(ups) if ups else None),
             _fmt_mb(sum(downs) if downs else None),
-            _fmt(_total_time(records), ".1f"),
+            _fmt(total_time(records), ".1f"),
         ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .report import _DASH, _MB, _fmt_mb, _fmt_sci, _md_cell, _method_of, _metric_name, _series, _total_time
+from .report import _DASH, _MB, _fmt_mb, _fmt_sci, _md_cell, _method_of, _metric_name, _series, total_time
 from .report import _values, higher_is_better
 from .report_dir_plots import MISSING, PLOTS, palette, plot_panel, png_size, safe_name
 from .runlog import METRICS_FILE, load_metrics
@@ -337,7 +337,7 @@ def _header(folder: Path, found: _Folder, grid: _Grid) -> list[str]:
     if seeds:
         lines.append(f"- Seeds: {', '.join(map(str, seeds))}")
     runs = {c.path: c for c in cells}  # the centralized ceiling is one run serving every partition's column
-    walls = [t for c in runs.values() if (t := _total_time(c.records)) is not None]
+    walls = [t for c in runs.values() if (t := total_time(c.records)) is not None]
     total = f"{sum(walls):,.1f} s = {sum(walls) / 3600:.2f} h" if walls else _DASH
     lines.append(f"- Total wall time: {total} (sum over the {len(runs)} runs of the last `wall_time_s`)\n")
     return lines

@@ -204,10 +204,11 @@ def cell_status(cell: Cell, rounds: int) -> str:
 
 
 def run_seconds(cell: Cell) -> float | None:
-    """The measured wall-clock a finished cell's run took (its last record's ``wall_time_s``)."""
-    records = load_metrics(cell.dir / METRICS_FILE) if (cell.dir / METRICS_FILE).exists() else []
-    wall = records[-1].get("wall_time_s") if records else None
-    return float(wall) if isinstance(wall, (int, float)) else None
+    """The measured wall-clock a cell's run took, as its report counts it (:func:`fedlora.report.total_time`)."""
+    from .report import total_time
+
+    metrics = cell.dir / METRICS_FILE
+    return total_time(load_metrics(metrics)) if metrics.exists() else None
 
 
 def write_manifest(spec: SweepSpec, cells: list[Cell], status: dict[str, str]) -> Path:
