@@ -18,7 +18,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .runlog import _is_number
+from .runlog import _is_number, total_time
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -91,15 +91,6 @@ def _best(records: Sequence[Mapping[str, Any]], key: str, higher: bool) -> float
     if not values:
         return None
     return max(values) if higher else min(values)
-
-
-def total_time(records: Sequence[Mapping[str, Any]]) -> float | None:
-    """Largest cumulative ``wall_time_s``; else the sum of ``round_time_s``; else None."""
-    wall = _values(records, "wall_time_s")
-    if wall:
-        return max(wall)
-    per_round = _values(records, "round_time_s")
-    return sum(per_round) if per_round else None
 
 
 def _fmt(value: float | None, spec: str) -> str:

@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from .report import _DASH, _MB, _fmt_mb, _fmt_sci, _md_cell, _method_of, _metric_name, _series, total_time
+from .report import _DASH, _MB, _fmt_mb, _fmt_sci, _md_cell, _method_of, _metric_name, _series
 from .report import _values, higher_is_better
 from .report_dir_plots import MISSING, PLOTS, palette, plot_panel, png_size, safe_name
-from .runlog import METRICS_FILE, load_metrics
+from .runlog import METRICS_FILE, load_metrics, total_time
 
 __all__ = ["Cell", "load_folder", "write_report"]
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import numbers
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -286,3 +286,14 @@ def load_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             raise ValueError(f"{p}:{i + 1}: expected a JSON object, got {type(obj).__name__}")
         records.append(obj)
     return records
+
+
+def total_time(records: Iterable[Mapping[str, Any]]) -> float | None:
+    """A run's measured wall-clock: its largest cumulative ``wall_time_s``; else the sum of ``round_time_s``;
+    else None (missing, null and non-numeric values are skipped)."""
+    records = list(records)
+    wall = [float(r["wall_time_s"]) for r in records if _is_number(r.get("wall_time_s"))]
+    if wall:
+        return max(wall)
+    per_round = [float(r["round_time_s"]) for r in records if _is_number(r.get("round_time_s"))]
+    return sum(per_round) if per_round else None

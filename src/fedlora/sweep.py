@@ -45,7 +45,7 @@ except ImportError:  # not POSIX: a sweep runs in one process
 from .atomic import write_json_atomic
 from .checkpoint import has_checkpoints
 from .config import RunConfig, load_config
-from .runlog import METRICS_FILE, load_metrics
+from .runlog import METRICS_FILE, load_metrics, total_time
 
 MANIFEST = "sweep.json"
 CLAIMS = "claims"
@@ -204,9 +204,7 @@ def cell_status(cell: Cell, rounds: int) -> str:
 
 
 def run_seconds(cell: Cell) -> float | None:
-    """The measured wall-clock a cell's run took, as its report counts it (:func:`fedlora.report.total_time`)."""
-    from .report import total_time
-
+    """The measured wall-clock a cell's run took, as its report counts it (:func:`fedlora.runlog.total_time`)."""
     metrics = cell.dir / METRICS_FILE
     return total_time(load_metrics(metrics)) if metrics.exists() else None
 
