@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from engine_fixtures import run_cli, start_cli, tiny_overrides
-from fedlora.cli_results import time_left
+from fedlora.cli_results import _SweepProgress, time_left
 from fedlora.sweep import claim, load_sweep, parse_method, plan_cells
 
 
@@ -43,6 +43,16 @@ def _sweep_file(tmp_path: Path, assets, out: Path, **extra) -> Path:
 ])
 def test_time_left_is_the_pace_so_far_times_the_runs_left(elapsed, finished, remaining, said):
     assert time_left(elapsed, finished, remaining) == said
+
+
+def test_a_sweeps_time_left_is_at_the_recorded_pace_of_every_run_done_shared_by_its_workers(capsys):
+    took = {Path("a"): 600.0, Path("b"): 1800.0, Path("c"): None}  # c: a run without times (no pace)
+    view = _SweepProgress(10, {Path("a")}, took.get, workers=2)
+    assert view.time_left() == "about 45m left"  # 600 s a run, 9 runs on 2 workers: 2,700 s
+    view.cell_done({Path("a"), Path("b")})  # 1,200 s a run, 8 runs on 2 workers: 4,800 s
+    view.cell_done({Path("a"), Path("b"), Path("c")})  # still 1,200 s a run, 7 runs on 2 workers: 4,200 s
+    assert capsys.readouterr().err.splitlines() == ["sweep: 2/10 runs done, about 1h 20m left",
+                                                    "sweep: 3/10 runs done, about 1h 10m left"]
 
 
 def test_method_items():

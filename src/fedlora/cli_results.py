@@ -43,17 +43,26 @@ def time_left(elapsed_s: float, finished: int, remaining: int) -> str | None:
 
 class _SweepProgress:
     """One view for the sweep: cells done, and the rounds of the cell running now. Where the output is not a
-    terminal (a background sweep writing a log), one line per finished run says how far it is instead."""
+    terminal (a background sweep writing a log), one line per finished run says how far it is instead.
 
-    def __init__(self, total: int, done: int):
+    The time left is at the pace of every run done, from their records (``run_seconds`` of a run's folder),
+    each on one of ``workers`` processes: a run this process resumed, or one that ran beside other jobs,
+    would skew a pace taken from this process's clock alone."""
+
+    def __init__(self, total: int, done: set, run_seconds: Callable[[Path], float | None], workers: int):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         self.bars = Progress(*columns, console=console, disable=not console.is_terminal)
-        self.cells = self.bars.add_task("sweep cells", total=total, completed=done)
+        self.cells = self.bars.add_task("sweep cells", total=total, completed=len(done))
         self.rounds = self.bars.add_task("rounds", total=1, visible=False)
-        self.total, self.done_at_start, self.done = total, done, done
-        self.started = time.monotonic()
+        self.total, self.done = total, set(done)
+        self.run_seconds, self.workers = run_seconds, workers
+
+    def time_left(self) -> str | None:
+        """The time left for the runs not done, at the recorded pace of the runs done."""
+        took = [t for d in self.done if (t := self.run_seconds(d)) is not None]
+        return time_left(sum(took), len(took) * self.workers, self.total - len(self.done))
 
     def __enter__(self):
         self.bars.__enter__()
@@ -72,25 +81,26 @@ class _SweepProgress:
             self.bars.advance(self.rounds)
 
     def cell_done(self, done: set) -> None:
-        """A cell of this process ended; ``done``: every finished run, this process's or another's."""
-        self._count(len(done))
+        """A cell of this process ended; ``done``: every finished run's folder, this process's or another's."""
+        self._count(done)
 
-    def _count(self, done: int) -> None:
+    def _count(self, done: set) -> None:
         if done == self.done:
             return
-        self.done = done
-        left = time_left(time.monotonic() - self.started, done - self.done_at_start, self.total - done)
-        self.bars.update(self.cells, completed=done, description=f"sweep cells ({left})" if left else "sweep cells")
+        self.done = set(done)
+        left = self.time_left()
+        self.bars.update(self.cells, completed=len(done),
+                         description=f"sweep cells ({left})" if left else "sweep cells")
         if not console.is_terminal:
-            console.print(f"sweep: {done}/{self.total} runs done" + (f", {left}" if left else ""))
+            console.print(f"sweep: {len(done)}/{self.total} runs done" + (f", {left}" if left else ""))
 
     def wait_for(self, procs, done: Callable[[], set]) -> None:
         """Wait for the other workers, the cells bar following what they finish."""
         self.bars.update(self.rounds, visible=False)
         while any(p.poll() is None for p in procs):
-            self._count(len(done()))
+            self._count(done())
             time.sleep(2)
-        self._count(len(done()))
+        self._count(done())
 
 
 def sweep(
@@ -131,9 +141,8 @@ def sweep(
         runs = {c.dir: c for c in cells}  # a centralized run serves every partition: run it once
         todo = [c for d, c in runs.items() if status[c.name] != "done"]
         workers = min(workers, max(len(todo), 1))
-        took = [t for c in runs.values() if status[c.name] == "done" and (t := sw.run_seconds(c)) is not None]
-        # before any run of this invocation ends, the runs already done give the pace (one process each)
-        left = time_left(sum(took), len(took) * workers, len(todo)) if todo and took else None
+        view = _SweepProgress(len(runs), done_runs(status), lambda d: sw.run_seconds(runs[d]), workers)
+        left = view.time_left() if todo else None  # the runs already done give the pace before any new one ends
         console.print(f"sweep: {len(runs)} runs ({len(runs) - len(todo)} done, {len(todo)} to run) "
                       f"in {escape(str(spec.out))}" + (f"; {left} at the pace of the runs done" if left else ""),
                       soft_wrap=True)
@@ -146,7 +155,7 @@ def sweep(
 
             procs = start_workers(spec_file, spec.out, data_dir, workers - 1)
             torch.set_num_threads(threads_per_worker(workers))
-        with _SweepProgress(len(runs), len(runs) - len(todo)) as view:
+        with view:
             ran = True
             while ran:  # again until a pass runs nothing: a cell whose process died is free again
                 ran = False
