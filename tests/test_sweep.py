@@ -55,6 +55,23 @@ def test_a_sweeps_time_left_is_at_the_recorded_pace_of_every_run_done_shared_by_
                                                     "sweep: 3/10 runs done, about 1h 10m left"]
 
 
+def test_a_sweeps_time_left_reads_each_finished_runs_records_once():
+    reads = []
+    view = _SweepProgress(5, set(), lambda d: reads.append(d) or 60.0, workers=1)
+    for n in range(1, 5):
+        view.cell_done({Path(str(k)) for k in range(n)})
+    assert sorted(reads) == [Path("0"), Path("1"), Path("2"), Path("3")]  # not 1 + 2 + 3 + 4 = 10 reads
+
+
+def test_a_helper_worker_counts_the_pace_of_every_worker(tmp_path, monkeypatch):
+    started = []
+    monkeypatch.setattr(subprocess, "Popen", lambda argv, **kw: started.append(argv))
+    from fedlora.cli_workers import start_workers
+
+    start_workers("sweep.yaml", tmp_path, None, extra=2)  # --workers 3: this process and two helpers
+    assert len(started) == 2
+    assert all(argv[argv.index("--of-workers") + 1] == "3" and "--no-report" in argv for argv in started)
+
 def test_method_items():
     assert parse_method("fedex").label == "fedex"
     m = parse_method("fra_fold=fra:fold_tail=true:ffa_after=2")

@@ -58,10 +58,13 @@ class _SweepProgress:
         self.rounds = self.bars.add_task("rounds", total=1, visible=False)
         self.total, self.done = total, set(done)
         self.run_seconds, self.workers = run_seconds, workers
+        self.took: dict[Path, float | None] = {}  # a finished run's time never changes: read its records once
 
     def time_left(self) -> str | None:
         """The time left for the runs not done, at the recorded pace of the runs done."""
-        took = [t for d in self.done if (t := self.run_seconds(d)) is not None]
+        for d in self.done - self.took.keys():
+            self.took[d] = self.run_seconds(d)
+        took = [t for d in self.done if (t := self.took[d]) is not None]
         return time_left(sum(took), len(took) * self.workers, self.total - len(self.done))
 
     def __enter__(self):
@@ -113,6 +116,8 @@ def sweep(
                                          "in OUT/workers/)")] = 1,
     write_report: Annotated[bool, typer.Option("--report/--no-report", help="write the report once every cell "
                                                "is done")] = True,
+    of_workers: Annotated[int, typer.Option(hidden=True, help="this process is one of N sharing the sweep (set "
+                                            "by --workers), for the pace")] = 0,
 ) -> None:
     """Run methods x partitions x seeds (x ranks, x lrs): resumable, then write the report. Several
     `fedlora sweep` of one file may run at once (--workers starts them): no cell runs twice."""
@@ -141,7 +146,7 @@ def sweep(
         runs = {c.dir: c for c in cells}  # a centralized run serves every partition: run it once
         todo = [c for d, c in runs.items() if status[c.name] != "done"]
         workers = min(workers, max(len(todo), 1))
-        view = _SweepProgress(len(runs), done_runs(status), lambda d: sw.run_seconds(runs[d]), workers)
+        view = _SweepProgress(len(runs), done_runs(status), lambda d: sw.run_seconds(runs[d]), of_workers or workers)
         left = view.time_left() if todo else None  # the runs already done give the pace before any new one ends
         console.print(f"sweep: {len(runs)} runs ({len(runs) - len(todo)} done, {len(todo)} to run) "
                       f"in {escape(str(spec.out))}" + (f"; {left} at the pace of the runs done" if left else ""),

@@ -22,7 +22,8 @@ def start_workers(spec_file: str, out: Path, data_dir: str | None, extra: int) -
     """Start ``extra`` workers on the sweep in ``out``; their logs go to ``out/workers/``."""
     logs = out / "workers"
     logs.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "fedlora.cli", "sweep", spec_file, "--out", str(out), "--no-report"]
+    argv = [sys.executable, "-m", "fedlora.cli", "sweep", spec_file, "--out", str(out), "--no-report",
+            "--of-workers", str(extra + 1)]  # its time left counts the runs on every worker, not only its own
     if data_dir:
         argv += ["--data-dir", data_dir]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_worker(extra + 1))}
