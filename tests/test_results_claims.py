@@ -64,7 +64,7 @@ def test_seeds_are_counted_and_a_target_nobody_reaches_is_said_so(tmp_path):
             path = tmp_path / "sst2" / "cells" / f"{method}__imbalanced__s{seed}" / "metrics.jsonl"
             if seed == 2 and method != "centralized":
                 records = [json.loads(line) for line in path.read_text().splitlines()]
-                records = [{**r, "metric": 0.1} for r in records]
+                records = [{**r, "metric": 0.55} for r in records]
                 path.write_text("".join(json.dumps(r) + "\n" for r in records))
     (tmp_path / "sst2" / "cells" / "fedit__dir0.1__s2" / "metrics.jsonl").unlink()  # two seeds left
     rows = {(r[1], r[2]): (r[4], r[5]) for r in _claims().check("sst2", tmp_path / "sst2")}
@@ -72,3 +72,16 @@ def test_seeds_are_counted_and_a_target_nobody_reaches_is_said_so(tmp_path):
     assert rows[("1", "fedex closer to centralized than fedit, dir0.5")] == ("held", "3")
     target = next(k for k in rows if k[0] == "5" and k[1].endswith("imbalanced"))
     assert rows[target][0] == "neither reached it in every seed"
+
+
+def test_no_target_where_no_flat_method_leaves_where_it_started(tmp_path):
+    """CoLA under skew: every federated run at MCC 0 (the majority class) from round 1 on. A target of 95 % of
+    0 is reached at round 1 by everyone and says nothing about speed."""
+    _sweep(tmp_path / "cola")
+    for path in (tmp_path / "cola" / "cells").glob("*__dir0.5__s*/metrics.jsonl"):
+        if not path.parent.name.startswith("centralized"):
+            records = [json.loads(line) for line in path.read_text().splitlines()]
+            path.write_text("".join(json.dumps({**r, "metric": 0.0}) + "\n" for r in records))
+    rows = {(r[1], r[2]): r[4] for r in _claims().check("cola", tmp_path / "cola")}
+    assert rows[("5", "hierfedlora faster to target, dir0.5")].startswith("no target")
+    assert any(k[0] == "5" and k[1].startswith("hierfedlora faster to 0.") and k[1].endswith("iid") for k in rows)
