@@ -72,6 +72,7 @@ def test_a_helper_worker_counts_the_pace_of_every_worker(tmp_path, monkeypatch):
     assert len(started) == 2
     assert all(argv[argv.index("--of-workers") + 1] == "3" and "--no-report" in argv for argv in started)
 
+
 def test_method_items():
     assert parse_method("fedex").label == "fedex"
     m = parse_method("fra_fold=fra:fold_tail=true:ffa_after=2")
